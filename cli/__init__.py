@@ -1,0 +1,1 @@
+"""The `petl` command-line application (installed as petl.cli)."""

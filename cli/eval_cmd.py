@@ -1,0 +1,187 @@
+"""``petl eval``: perplexity by context length and passkey retrieval from the command line.
+
+Both commands load the model through :func:`petl.models.load_model` (hub id or local directory,
+optional peft adapter, safetensors weights only), run the matching :mod:`petl.eval` function, print
+a small table and optionally write every number to a JSON file. Heavy imports happen inside the
+commands so ``petl eval --help`` stays fast.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 1024,2048, got {value!r}")
+    if not out or any(v < 2 for v in out):
+        raise click.BadParameter(f"expected integers >= 2 like 1024,2048, got {value!r}")
+    return out
+
+
+def _depth_list(ctx: click.Context, param: click.Parameter,
+                value: str | None) -> list[float] | None:
+    if value is None or value.strip().lower() == "random":
+        return None
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected fractions like 0,0.25,0.5,0.75,1 or 'random', "
+                                 f"got {value!r}")
+    if not out or any(not 0.0 <= d <= 1.0 for d in out):
+        raise click.BadParameter(f"depths must lie in [0, 1], got {value!r}")
+    return out
+
+
+def _json_dict(ctx: click.Context, param: click.Parameter,
+               value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e.msg}); example: "
+                                 "'{\"rope_type\": \"linear\", \"factor\": 4}'")
+    if not isinstance(out, dict):
+        raise click.BadParameter("expected a JSON object such as '{\"rope_type\": \"linear\", "
+                                 "\"factor\": 4}'")
+    return out
+
+
+def model_options(fn: Callable) -> Callable:
+    """Options shared by every eval command: which model to load and how."""
+    options = [
+        click.option("--model", "model_name", required=True,
+                     help="Hub id or local directory of the base model."),
+        click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="peft adapter directory to apply on top of the model."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                     help="Weights dtype."),
+        click.option("--device", default=None, help="torch device (default: CUDA if available)."),
+        click.option("--rope-scaling", callback=_json_dict, default=None,
+                     help="RoPE scaling as JSON, e.g. '{\"rope_type\":\"linear\",\"factor\":4}' "
+                          "(position interpolation for lengths beyond the base context)."),
+        click.option("--trust-remote-code", is_flag=True, default=False,
+                     help="Allow model code from the hub repository."),
+        click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+                     help="Write all results (and the settings) to this JSON file."),
+        click.option("--progress/--no-progress", default=True, show_default=True,
+                     help="Show progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Evaluate perplexity by context length and passkey retrieval."""
+
+
+@eval_group.command("perplexity")
+@model_options
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Held-out text (.txt), documents (.jsonl with 'text'), or token ids (.npy, or "
+                   "LongLoRA's uint16 .bin).")
+@click.option("--lengths", required=True, callback=_int_list,
+              help="Comma-separated context lengths in tokens, e.g. 1024,2048,4096.")
+@click.option("--mode", type=click.Choice(["sliding", "longlora"]), default="sliding",
+              show_default=True, help="sliding: strided windows scoring new tokens; longlora: "
+                                      "LongLoRA eval.py protocol.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Window advance (default: length/2 for sliding, 256 for longlora).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-windows", type=click.IntRange(min=1), default=None,
+              help="Evaluate only the first N windows per length.")
+def perplexity_cmd(model_name: str, adapter: str | None, dtype: str, device: str | None,
+                   rope_scaling: dict | None, trust_remote_code: bool, json_out: str | None,
+                   progress: bool, data: str, lengths: list[int], mode: str, stride: int | None,
+                   batch_size: int, max_windows: int | None) -> None:
+    """Perplexity of a model at each context length on a held-out text."""
+    from petl.eval import load_eval_tokens, perplexity
+
+    model, tokenizer = _load(model_name, adapter, dtype, device, rope_scaling, trust_remote_code)
+    tokens = load_eval_tokens(Path(data), tokenizer)
+    try:
+        results = perplexity(model, tokens, lengths=lengths, mode=mode, stride=stride,
+                             batch_size=batch_size, max_windows=max_windows, progress=progress)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    rows = [[str(n), r["mode"], str(r["stride"]), str(r["windows"]), str(r["tokens"]),
+             f"{r['nll']:.4f}", f"{r['ppl']:.3f}"] for n, r in results.items()]
+    click.echo(_table(["length", "mode", "stride", "windows", "tokens", "nll", "ppl"], rows))
+    _write_json(json_out, {"command": "perplexity", "model": model_name, "adapter": adapter,
+                           "data": data, "results": results})
+
+
+@eval_group.command("passkey")
+@model_options
+@click.option("--lengths", required=True, callback=_int_list,
+              help="Comma-separated prompt lengths in tokens, e.g. 2048,4096,8192.")
+@click.option("--depths", callback=_depth_list, default=None,
+              help="Key depths as fractions of the filler, e.g. 0,0.25,0.5,0.75,1 "
+                   "(default: a uniform random depth per test, as LongLoRA).")
+@click.option("--num-tests", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Tests per (length, depth).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def passkey_cmd(model_name: str, adapter: str | None, dtype: str, device: str | None,
+                rope_scaling: dict | None, trust_remote_code: bool, json_out: str | None,
+                progress: bool, lengths: list[int], depths: list[float] | None, num_tests: int,
+                seed: int) -> None:
+    """Passkey retrieval accuracy at each prompt length (and key depth)."""
+    from petl.eval import passkey
+
+    model, tokenizer = _load(model_name, adapter, dtype, device, rope_scaling, trust_remote_code)
+    try:
+        results = passkey(model, tokenizer, lengths=lengths, depths=depths, num_tests=num_tests,
+                          seed=seed, progress=progress)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    depth_keys = list(next(iter(results["accuracy_by_depth"].values())))
+    header = ["length", "tokens", "accuracy"]
+    if depths is not None:
+        header += [f"d={d:g}" for d in depth_keys]
+    rows = []
+    for n in lengths:
+        row = [str(n), f"{results['prompt_tokens'][n]:.0f}", f"{results['accuracy'][n]:.2f}"]
+        if depths is not None:
+            row += [f"{results['accuracy_by_depth'][n][d]:.2f}" for d in depth_keys]
+        rows.append(row)
+    click.echo(_table(header, rows))
+    _write_json(json_out, {"command": "passkey", "model": model_name, "adapter": adapter,
+                           "results": results})
+
+
+def _load(model_name: str, adapter: str | None, dtype: str, device: str | None,
+          rope_scaling: dict | None, trust_remote_code: bool) -> tuple[Any, Any]:
+    from petl.models import load_model
+
+    return load_model(model_name, adapter=adapter, dtype=dtype,
+                      trust_remote_code=trust_remote_code, device=device,
+                      rope_scaling=rope_scaling)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned plain-text table."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path is None:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    click.echo(f"wrote {path}")

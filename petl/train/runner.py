@@ -1,0 +1,307 @@
+"""``run_recipe``: the data flow of ``petl finetune`` (DESIGN.md), on ``transformers.Trainer``.
+
+recipe -> model (dtype, RoPE scaling) -> attention pattern -> adapter (peft) -> data (pack or SFT)
+-> optional evaluation before -> Trainer with atomic checkpoints -> adapter + resolved recipe +
+metrics.json + JSONL step log + loss curve -> evaluation after (full attention).
+
+Everything here is also reachable from Python (``petl.load_recipe`` + ``petl.run_recipe``), and each
+step is an ordinary library call a user can make in their own Trainer script.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from petl.train.recipe import Recipe
+from petl.train.recipe_io import recipe_to_yaml
+from petl.train.schema_types import RecipeError
+
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+STEP_LOG = "steps.jsonl"
+MODEL_INFO = "petl_model.json"
+
+
+def _echo(message: str) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(message, flush=True)
+
+
+def resolve_data_source(source: str) -> str:
+    """``petl:shakespeare-train`` / ``petl:shakespeare-heldout`` -> the embedded text files."""
+    if source.startswith("petl:"):
+        from petl import embedded
+
+        files = {"shakespeare-train": embedded.train_text_path, "shakespeare-heldout": embedded.heldout_text_path}
+        key = source.split(":", 1)[1]
+        if key not in files:
+            raise RecipeError(f"data source {source!r} is unknown; petl ships: "
+                              + ", ".join(f"petl:{k}" for k in files))
+        return str(files[key]())
+    return source
+
+
+def _precision(recipe: Recipe) -> str:
+    if recipe.train.precision != "auto":
+        return recipe.train.precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _model_dtype(recipe: Recipe, precision: str) -> str:
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+
+
+def prepare_output_dir(recipe: Recipe, resume: bool) -> Path:
+    out = Path(recipe.output_dir)
+    holds_run = out.is_dir() and any((out / n).exists() for n in ("metrics.json", CHECKPOINT_DIR, ADAPTER_DIR))
+    if holds_run and not resume:
+        if not recipe.output.overwrite:
+            raise RecipeError(f"output folder {str(out)!r} already holds a run; pass --resume to continue it, "
+                              "set output.overwrite=true to replace it, or choose output.dir=...")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_model(recipe: Recipe, precision: str):
+    """Load the base model and tokenizer, scale RoPE and set the attention pattern."""
+    from petl.attention.rope import native_context_length
+    from petl.models import load_model
+
+    from transformers import AutoConfig
+
+    from petl.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(recipe.model.name), revision=recipe.model.revision,
+                                        trust_remote_code=recipe.model.trust_remote_code)
+    native = native_context_length(config)
+    target = recipe.model.context_length
+    rope = None
+    if target and target > native and recipe.model.rope_scaling != "none":
+        rope = {"target_length": target, "method": recipe.model.rope_scaling}
+    model, tokenizer = load_model(recipe.model.name, dtype=_model_dtype(recipe, precision),
+                                  trust_remote_code=recipe.model.trust_remote_code, rope_scaling=rope,
+                                  revision=recipe.model.revision,
+                                  attn_implementation=recipe.model.attn_implementation,
+                                  quantization=recipe.model.quantization)
+    if recipe.attention.pattern != "full":
+        from petl.attention import use_attention
+
+        use_attention(model, recipe.attention.pattern, **recipe.attention.params())
+    info = {"base_model": recipe.model.name, "native_context": native, "context_length": target or native,
+            "rope_parameters": dict(model.config.rope_parameters or {}) if rope else None,
+            "max_position_embeddings": model.config.max_position_embeddings}
+    return model, tokenizer, info
+
+
+def apply_adapter_section(model, recipe: Recipe):
+    """Wrap the model with the recipe's peft adapter (or freeze all but ``trainable_modules``)."""
+    from peft import get_peft_model
+
+    section = recipe.adapter
+    if section.type == "none":
+        if not section.trainable_modules:
+            raise RecipeError("adapter.type 'none' trains only adapter.trainable_modules, which is empty; "
+                              "name modules to train or use adapter.type=lora")
+        for name, param in model.named_parameters():
+            param.requires_grad = any(m in name for m in section.trainable_modules)
+        return model
+    if section.type == "lora":
+        from petl.adapters.lora import lora_config
+
+        config = lora_config(r=section.r, alpha=section.alpha, dropout=section.dropout,
+                             target_modules=section.target_modules, trainable_modules=section.trainable_modules,
+                             tie_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
+                             options=section.options)
+    elif section.type == "soka":
+        from petl.adapters.soka import SokaConfig
+
+        config = SokaConfig(r=section.r, alpha=section.alpha, target_modules=section.target_modules,
+                            modules_to_save=section.trainable_modules or None, **section.options)
+    else:  # pragma: no cover - schema restricts the values
+        raise RecipeError(f"adapter.type {section.type!r} is not supported")
+    if recipe.model.quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    peft_model = get_peft_model(model, config)
+    if _precision(recipe) == "fp16":
+        for param in peft_model.parameters():  # fp16 optimiser states need fp32 master weights
+            if param.requires_grad and param.dtype == torch.float16:
+                param.data = param.data.float()
+    return peft_model
+
+
+def build_train_dataset(recipe: Recipe, tokenizer, block_size: int):
+    from petl.data import build_sft_dataset, load_text_dataset, pack_for_causal_lm
+
+    source = resolve_data_source(recipe.data.source)
+    raw = load_text_dataset(source, split=recipe.data.split, text_field=recipe.data.text_field,
+                            max_samples=recipe.data.max_samples, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.data.format == "sft":
+        return build_sft_dataset(raw, tokenizer, max_length=block_size, template=recipe.data.template)
+    dataset = pack_for_causal_lm(raw, tokenizer, block_size=block_size, text_field=recipe.data.text_field,
+                                 restart_positions=recipe.data.restart_positions, num_proc=recipe.data.num_proc)
+    if len(dataset) == 0:
+        raise RecipeError(f"data.source {recipe.data.source!r} holds fewer than data.block_size={block_size} "
+                          "tokens; give more text or a smaller block size")
+    return dataset
+
+
+def evaluate(model, tokenizer, recipe: Recipe, stage: str) -> dict[str, Any]:
+    """Held-out perplexity by length and passkey accuracy, as the eval section asks."""
+    results: dict[str, Any] = {}
+    section = recipe.eval
+    was_training = model.training
+    model.eval()
+    if section.perplexity_lengths and recipe.data.eval_source:
+        from petl.eval import load_eval_tokens, perplexity
+
+        tokens = load_eval_tokens(resolve_data_source(recipe.data.eval_source), tokenizer)
+        _echo(f"[petl] {stage}: held-out perplexity at lengths {section.perplexity_lengths}")
+        results["perplexity"] = perplexity(model, tokens, lengths=section.perplexity_lengths,
+                                           mode=section.perplexity_mode, max_windows=section.max_windows)
+    if section.passkey_lengths:
+        from petl.eval import passkey
+
+        _echo(f"[petl] {stage}: passkey retrieval at lengths {section.passkey_lengths}")
+        results["passkey"] = passkey(model, tokenizer, lengths=section.passkey_lengths,
+                                     num_tests=section.passkey_num_tests, seed=recipe.train.seed)
+    model.train(was_training)
+    return results
+
+
+def training_arguments(recipe: Recipe, out: Path, precision: str):
+    from transformers import TrainingArguments
+
+    t = recipe.train
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINT_DIR), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, adam_beta2=t.adam_beta2,
+        max_grad_norm=t.max_grad_norm, optim=t.optim, bf16=precision == "bf16", fp16=precision == "fp16",
+        logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500, save_total_limit=t.save_total_limit, seed=t.seed, data_seed=t.seed,
+        report_to="none", remove_unused_columns=False, dataloader_num_workers=t.dataloader_workers,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        disable_tqdm=False, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
+    )
+
+
+def run_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
+    """Run a recipe end to end; returns the metrics also written to ``metrics.json``.
+
+    Args:
+        recipe (Recipe): a validated recipe (see :func:`petl.load_recipe`).
+        resume (bool): continue from the newest complete checkpoint in the output folder.
+    """
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from petl.data import DataCollatorForCausalLM
+    from petl.train.callbacks import JsonlStepLogger, plot_loss_curve
+    from petl.train.checkpointing import AtomicCheckpointTrainer, last_complete_checkpoint
+
+    state = PartialState()
+    out = prepare_output_dir(recipe, resume) if state.is_main_process else Path(recipe.output_dir)
+    state.wait_for_everyone()
+    (out / "recipe.yaml").write_text(recipe_to_yaml(recipe)) if state.is_main_process else None
+    checkpoint = last_complete_checkpoint(out / CHECKPOINT_DIR) if resume else None
+    if resume and checkpoint is None:
+        _echo(f"[petl] no complete checkpoint under {out / CHECKPOINT_DIR}; starting from step 0")
+    set_seed(recipe.train.seed)
+    precision = _precision(recipe)
+    _echo(f"[petl] loading {recipe.model.name} ({_model_dtype(recipe, precision)}, training precision {precision})")
+    model, tokenizer, info = build_model(recipe, precision)
+    block_size = recipe.data.block_size or info["context_length"]
+    with state.main_process_first():
+        dataset = build_train_dataset(recipe, tokenizer, block_size)
+    _echo(f"[petl] {len(dataset)} training examples of {block_size} tokens")
+
+    metrics: dict[str, Any] = {"recipe": recipe.name, "model": info}
+    before_file = out / "eval_before.json"
+    if recipe.eval.before_training and state.is_main_process:
+        if before_file.exists() and resume:
+            metrics["before"] = json.loads(before_file.read_text())
+        else:
+            metrics["before"] = evaluate(model, tokenizer, recipe, "before training")
+            before_file.write_text(json.dumps(metrics["before"], indent=2))
+
+    model = apply_adapter_section(model, recipe)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    metrics["trainable_parameters"], metrics["total_parameters"] = trainable, total
+    _echo(f"[petl] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    args = training_arguments(recipe, out, precision)
+    collator = DataCollatorForCausalLM(tokenizer, pad_to_multiple_of=_pad_multiple(recipe, block_size))
+    resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+    trainer = AtomicCheckpointTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                      callbacks=[JsonlStepLogger(out / STEP_LOG, resume_step=resume_step)])
+    if checkpoint is not None:
+        _echo(f"[petl] resuming from {checkpoint}")
+    # No KV cache while training: transformers keeps packed documents apart (block-diagonal
+    # attention from restarting position_ids) only when no cache is built.
+    base_config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    use_cache, base_config.use_cache = base_config.use_cache, False
+    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    base_config.use_cache = use_cache
+    metrics["train"] = dict(train_output.metrics)
+
+    if state.is_main_process:
+        adapter_dir = out / ADAPTER_DIR
+        model.save_pretrained(str(adapter_dir)) if recipe.adapter.type != "none" else model.save_pretrained(
+            str(adapter_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter_dir))
+        (adapter_dir / MODEL_INFO).write_text(json.dumps(info, indent=2))
+        plot_loss_curve(out / STEP_LOG, out / "loss_curve.png", title=f"{recipe.name}: training loss")
+        metrics["after"] = evaluate(model, tokenizer, recipe, "after training")
+        if recipe.output.save_merged and recipe.adapter.type != "none":
+            from petl.merge import merge_adapter
+
+            merge_adapter(model, tokenizer, out / "merged")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        _echo(format_summary(metrics, out))
+    state.wait_for_everyone()
+    return metrics
+
+
+def _pad_multiple(recipe: Recipe, block_size: int) -> Optional[int]:
+    # Sparse attention patterns need lengths that split into even groups; SFT batches are padded
+    # to a multiple of the group size (packed pretraining blocks already have the full length).
+    if recipe.attention.pattern == "full" or recipe.data.format != "sft":
+        return None
+    group = max(2, int(block_size * recipe.attention.group_ratio))
+    return group + (group % 2)
+
+
+def format_summary(metrics: dict[str, Any], out: Path) -> str:
+    """A short table of before/after results for the terminal."""
+    lines = [f"[petl] done: adapter in {out / ADAPTER_DIR}, metrics in {out / 'metrics.json'}"]
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    ppl_after = after.get("perplexity", {})
+    if ppl_after:
+        lines.append(f"  {'context':>8} {'ppl before':>12} {'ppl after':>12}")
+        for length, row in ppl_after.items():
+            prev = before.get("perplexity", {}).get(length, {}).get("ppl", math.nan)
+            lines.append(f"  {length!s:>8} {prev:>12.3f} {row['ppl']:>12.3f}")
+    key_after = after.get("passkey", {})
+    if key_after:
+        lines.append(f"  {'passkey':>8} {'acc before':>12} {'acc after':>12}")
+        for length, acc in key_after.get("accuracy_by_length", {}).items():
+            prev = before.get("passkey", {}).get("accuracy_by_length", {}).get(length, math.nan)
+            lines.append(f"  {length!s:>8} {prev:>12.2f} {acc:>12.2f}")
+    return "\n".join(lines)

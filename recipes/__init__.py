@@ -1,0 +1,1 @@
+"""Published petl recipes (YAML), installed as package data under petl.recipes."""
