@@ -3,7 +3,7 @@
 Both commands load the model through :func:`petl.models.load_model` (hub id or local directory,
 optional peft adapter, safetensors weights only), run the matching :mod:`petl.eval` function, print
 a small table and optionally write every number to a JSON file. Heavy imports happen inside the
-commands so ``petl eval --help`` stays fast.
+commands so ``petl eval --help`` stays fast; bad input ends with a one-line ``Error:`` (exit 2).
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from petl.errors import one_line_errors
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -43,34 +45,22 @@ def _depth_list(ctx: click.Context, param: click.Parameter,
     return out
 
 
-def _json_dict(ctx: click.Context, param: click.Parameter,
-               value: str | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    try:
-        out = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON ({e.msg}); example: "
-                                 "'{\"rope_type\": \"linear\", \"factor\": 4}'")
-    if not isinstance(out, dict):
-        raise click.BadParameter("expected a JSON object such as '{\"rope_type\": \"linear\", "
-                                 "\"factor\": 4}'")
-    return out
-
-
 def model_options(fn: Callable) -> Callable:
     """Options shared by every eval command: which model to load and how."""
     options = [
         click.option("--model", "model_name", required=True,
-                     help="Hub id or local directory of the base model."),
+                     help="Hub id, local directory, or petl/shakespeare-llama."),
         click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None,
                      help="peft adapter directory to apply on top of the model."),
         click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
                      help="Weights dtype."),
         click.option("--device", default=None, help="torch device (default: CUDA if available)."),
-        click.option("--rope-scaling", callback=_json_dict, default=None,
-                     help="RoPE scaling as JSON, e.g. '{\"rope_type\":\"linear\",\"factor\":4}' "
-                          "(position interpolation for lengths beyond the base context)."),
+        click.option("--context-length", type=click.IntRange(min=2), default=None,
+                     help="Extend RoPE to this many tokens at load time (LongLoRA's --context_size;"
+                          " an adapter from `petl finetune` already records its own)."),
+        click.option("--rope-method", type=click.Choice(["linear", "ntk", "yarn"]),
+                     default="linear", show_default=True,
+                     help="RoPE scaling method used with --context-length."),
         click.option("--trust-remote-code", is_flag=True, default=False,
                      help="Allow model code from the hub repository."),
         click.option("--json-out", type=click.Path(dir_okay=False), default=None,
@@ -103,20 +93,21 @@ def eval_group() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--max-windows", type=click.IntRange(min=1), default=None,
               help="Evaluate only the first N windows per length.")
+@one_line_errors
 def perplexity_cmd(model_name: str, adapter: str | None, dtype: str, device: str | None,
-                   rope_scaling: dict | None, trust_remote_code: bool, json_out: str | None,
+                   context_length: int | None, rope_method: str, trust_remote_code: bool,
+                   json_out: str | None,
                    progress: bool, data: str, lengths: list[int], mode: str, stride: int | None,
                    batch_size: int, max_windows: int | None) -> None:
     """Perplexity of a model at each context length on a held-out text."""
     from petl.eval import load_eval_tokens, perplexity
 
+    rope_scaling = None if context_length is None else {"target_length": context_length,
+                                                        "method": rope_method}
     model, tokenizer = _load(model_name, adapter, dtype, device, rope_scaling, trust_remote_code)
     tokens = load_eval_tokens(Path(data), tokenizer)
-    try:
-        results = perplexity(model, tokens, lengths=lengths, mode=mode, stride=stride,
-                             batch_size=batch_size, max_windows=max_windows, progress=progress)
-    except ValueError as e:
-        raise click.ClickException(str(e))
+    results = perplexity(model, tokens, lengths=lengths, mode=mode, stride=stride,
+                         batch_size=batch_size, max_windows=max_windows, progress=progress)
     rows = [[str(n), r["mode"], str(r["stride"]), str(r["windows"]), str(r["tokens"]),
              f"{r['nll']:.4f}", f"{r['ppl']:.3f}"] for n, r in results.items()]
     click.echo(_table(["length", "mode", "stride", "windows", "tokens", "nll", "ppl"], rows))
@@ -133,20 +124,22 @@ def perplexity_cmd(model_name: str, adapter: str | None, dtype: str, device: str
                    "(default: a uniform random depth per test, as LongLoRA).")
 @click.option("--num-tests", type=click.IntRange(min=1), default=10, show_default=True,
               help="Tests per (length, depth).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Test i draws its key (and random depth) from numpy default_rng([seed, i]).")
+@one_line_errors
 def passkey_cmd(model_name: str, adapter: str | None, dtype: str, device: str | None,
-                rope_scaling: dict | None, trust_remote_code: bool, json_out: str | None,
+                context_length: int | None, rope_method: str, trust_remote_code: bool,
+                json_out: str | None,
                 progress: bool, lengths: list[int], depths: list[float] | None, num_tests: int,
                 seed: int) -> None:
     """Passkey retrieval accuracy at each prompt length (and key depth)."""
     from petl.eval import passkey
 
+    rope_scaling = None if context_length is None else {"target_length": context_length,
+                                                        "method": rope_method}
     model, tokenizer = _load(model_name, adapter, dtype, device, rope_scaling, trust_remote_code)
-    try:
-        results = passkey(model, tokenizer, lengths=lengths, depths=depths, num_tests=num_tests,
-                          seed=seed, progress=progress)
-    except ValueError as e:
-        raise click.ClickException(str(e))
+    results = passkey(model, tokenizer, lengths=lengths, depths=depths, num_tests=num_tests,
+                      seed=seed, progress=progress)
     depth_keys = list(next(iter(results["accuracy_by_depth"].values())))
     header = ["length", "tokens", "accuracy"]
     if depths is not None:

@@ -23,6 +23,8 @@ class ModelLoadError(PetlError, RuntimeError):
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map petl's embedded-model alias to its folder; return other names unchanged."""
+    if not name_or_path.startswith("petl/"):
+        return name_or_path
     from petl.embedded import embedded_model_path, is_embedded
 
     return str(embedded_model_path()) if is_embedded(name_or_path) else name_or_path

@@ -25,7 +25,7 @@ def shrink(model_dir, data_file, out_dir, sft_file=None, recipe_name="quickstart
     overrides = {
         "model.name": model_dir, "model.dtype": "float32", "model.context_length": 128,
         "train.precision": "fp32", "train.max_steps": 2, "train.batch_size": 1, "train.grad_accum": 1,
-        "train.save_steps": 0, "train.warmup_steps": 0, "data.source": source, "data.block_size": 128,
+        "train.save_steps": 0, "train.warmup_steps": 0, "train.logging_steps": 1, "data.source": source, "data.data_files": "null", "data.block_size": 128,
         "data.eval_source": data_file, "eval.perplexity_lengths": "[64,128]", "eval.max_windows": 2,
         "eval.passkey_lengths": "[]", "output.dir": out_dir,
     }

@@ -26,6 +26,7 @@ with that head's own mask).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -130,6 +131,10 @@ def _validate(cfg: PatternConfig) -> None:
         raise ValueError("SF-Attn is non-cyclic by definition (S&R removes the wrap); use pattern='s2' with cyclic=True")
     if cfg.sink_bidirectional and cfg.n_sink == 0:
         raise ValueError("sink_bidirectional=True needs n_sink > 0")
+    if cfg.sink_bidirectional:
+        warnings.warn("sink_bidirectional=True lets sink tokens attend to future tokens, which then reach every "
+                      "position through the sinks in the next layer; inference is causal, so this trains on "
+                      "information the model will not have", UserWarning, stacklevel=3)
 
 
 def make_mask_mod(cfg: PatternConfig, num_heads: int, layout: "SequenceLayout") -> MaskMod:

@@ -28,8 +28,19 @@ def _varlen_fn():
     return varlen_attn, causal
 
 
-def _cuts(cfg: PatternConfig, layout: SequenceLayout, shifted: bool) -> tuple[list[int], int]:
-    """Cumulative segment boundaries over the flattened ``[B*L]`` tokens, and the longest segment."""
+def _cuts(layout: SequenceLayout, shifted: bool, device: torch.device) -> tuple[torch.Tensor, int]:
+    """``cu_seqlens`` (int32 on ``device``) over the flattened ``[B*L]`` tokens, and the longest segment.
+
+    Memoised on the layout: built once per forward pass (host syncs), shared by all layers.
+    """
+    key = ("varlen_cuts", shifted, device)
+    if key not in layout.memo:
+        cuts, longest = _build_cuts(layout, shifted)
+        layout.memo[key] = (torch.tensor(cuts, dtype=torch.int32, device=device), longest)
+    return layout.memo[key]
+
+
+def _build_cuts(layout: SequenceLayout, shifted: bool) -> tuple[list[int], int]:
     starts, lengths = layout.start.tolist(), layout.length.tolist()
     groups = layout.group.tolist()
     docs = None if layout.doc is None else layout.doc[:, :layout.seq_len].tolist()
@@ -74,8 +85,7 @@ def varlen_pattern_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     outs = []
     for c, rep_head in enumerate(reps):
         heads = (cls == c).nonzero().flatten().to(query.device)
-        cuts, longest = _cuts(cfg, layout, shifted=rep_head >= h0)
-        cu = torch.tensor(cuts, dtype=torch.int32, device=query.device)
+        cu, longest = _cuts(layout, rep_head >= h0, query.device)
 
         def flat(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # [B, h, L, D] -> [B*L, h, D]
             return x.index_select(1, idx).transpose(1, 2).reshape(batch * seq, idx.numel(), dim)

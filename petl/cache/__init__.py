@@ -9,7 +9,7 @@ Importing this package registers the ``petl_h2o`` attention and mask functions.
 from petl.cache.attention import ATTENTION_NAME, h2o_attention_forward
 from petl.cache.budget import H2OBudget
 from petl.cache.enable import disable_h2o, enable_h2o, h2o_enabled, register_h2o_attention
-from petl.cache.h2o import H2OCache
+from petl.cache.h2o import H2OCache, generate_cache_kwargs
 from petl.cache.layer import H2OLayer, select_kept
 
 register_h2o_attention()
@@ -21,6 +21,7 @@ __all__ = [
     "H2OLayer",
     "disable_h2o",
     "enable_h2o",
+    "generate_cache_kwargs",
     "h2o_attention_forward",
     "h2o_enabled",
     "register_h2o_attention",

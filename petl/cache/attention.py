@@ -65,7 +65,8 @@ def _allowed(mask: torch.Tensor | None, key_pos: torch.Tensor, query_pos: torch.
         causal: apply causality when no mask is given.
     """
     if mask is None:
-        if not causal:
+        # A single new query sees every kept slot (all are in its past): no mask needed.
+        if not causal or query_pos.numel() == 1:
             return None
         return key_pos.unsqueeze(-2) <= query_pos[rows].view(1, 1, -1, 1)
     chunk = mask[:, :1, rows]  # [B, 1, l, K]
@@ -122,28 +123,72 @@ def h2o_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     step = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * s_len))
     for start in range(0, q_len, step):
         rows = slice(start, min(start + step, q_len))
-        n_rows = rows.stop - rows.start
-        # [B, Hkv, G*l, D] @ [B, Hkv, D, S]: no broadcast, so k is never expanded per query head.
-        q_chunk = q[:, :, :, rows].reshape(batch, kv_heads, groups * n_rows, head_dim)
-        logits = torch.matmul(q_chunk, key.transpose(-1, -2))
-        # [B, Hkv, G, l, S]: logits in the model dtype, softmax in float32 (as eager attention).
-        logits = logits.view(batch, kv_heads, groups, n_rows, s_len).float() * scaling
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
         allowed = _allowed(attention_mask, key_pos, query_pos, rows, gather, causal)
-        if allowed is not None:
-            allowed = allowed.unsqueeze(2)  # [B, Hkv, 1, l, S]
-            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-        probs = torch.softmax(logits, dim=-1)
-        if allowed is not None:
-            # Rows with no visible key (left padding) give zeros, not a uniform spread over padding.
-            probs = probs * allowed
+        # The last L slots are this call's tokens in order, so under causality the slots after
+        # this chunk's last query are invisible: skip them (halves the prefill work).
+        limit = s_len - q_len + rows.stop
+        if limit < s_len and (allowed is None or (attention_mask is not None and allowed[..., limit:].any())):
+            limit = s_len
+        probs, chunk_out = _attend(q[:, :, :, rows], key[:, :, :limit], value[:, :, :limit],
+                                   None if allowed is None else allowed[..., :limit],
+                                   scaling, softcap, attention_mask is not None)
         if layer is not None:
-            col_sums += probs.sum(dim=(2, 3))
+            col_sums[..., :limit] += probs.sum(dim=(2, 3))
         if dropout > 0.0 and module.training:
-            probs = nn.functional.dropout(probs, p=dropout)
-        probs = probs.to(value.dtype).view(batch, kv_heads, groups * n_rows, s_len)
-        out[:, :, :, rows] = torch.matmul(probs, value).view(batch, kv_heads, groups, n_rows, -1)
+            chunk_out = _attend_dropout(probs, value[:, :, :limit], dropout)
+        out[:, :, :, rows] = chunk_out
     if layer is not None:
         layer.accumulate(col_sums)
     return out.view(batch, q_heads, q_len, -1).transpose(1, 2).contiguous(), None
+
+
+def _attend(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
+            scaling: float, softcap: float | None, may_have_empty_rows: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities ``[B, Hkv, G, l, S]`` (float32) and output ``[B, Hkv, G, l, D]`` of one chunk.
+
+    ``q`` is ``[B, Hkv, G, l, D]``, key/value ``[B, Hkv, S, D]``, allowed ``[B|1, Hkv|1, l, S]``.
+    """
+    batch, kv_heads, groups, n_rows, head_dim = q.shape
+    s_len = key.shape[2]
+    # [B*Hkv, G*l, D] @ [B*Hkv, D, S]: no broadcast, so k is never expanded per query head.
+    logits = _float32_bmm(q.reshape(batch * kv_heads, groups * n_rows, head_dim),
+                          key.reshape(batch * kv_heads, s_len, head_dim).transpose(1, 2))
+    logits = logits.view(batch, kv_heads, groups, n_rows, s_len) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if allowed is not None:
+        allowed = allowed.unsqueeze(2)  # [B, Hkv, 1, l, S]
+        logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1)
+    if allowed is not None and may_have_empty_rows:
+        # Rows with no visible key (left padding) give zeros, not a uniform spread over padding.
+        probs = probs * allowed
+    flat = probs.to(value.dtype).view(batch * kv_heads, groups * n_rows, s_len)
+    out = torch.bmm(flat, value.reshape(batch * kv_heads, s_len, value.shape[-1]))
+    return probs, out.view(batch, kv_heads, groups, n_rows, -1)
+
+
+_FLOAT32_OUT_OK: dict[str, bool] = {}
+
+
+def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as float32. For bf16/fp16 on CUDA the product is written in float32 straight
+    from the float32 accumulators (``out_dtype``), as SDPA's kernels keep their logits; rounding
+    logits to bf16 first (what eager attention does) costs ~1e-2 relative error at long context."""
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _FLOAT32_OUT_OK.get("cuda", True):
+        try:
+            out = torch.bmm(a, b, out_dtype=torch.float32)
+            _FLOAT32_OUT_OK["cuda"] = True
+            return out
+        except (RuntimeError, TypeError):  # torch without bmm(out_dtype=) for this dtype
+            _FLOAT32_OUT_OK["cuda"] = False
+    return torch.bmm(a, b).float()
+
+
+def _attend_dropout(probs: torch.Tensor, value: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Output with attention dropout (training only; the H2O scores use the undropped probs)."""
+    batch, kv_heads, groups, n_rows, s_len = probs.shape
+    dropped = nn.functional.dropout(probs, p=dropout).to(value.dtype)
+    out = torch.matmul(dropped.view(batch, kv_heads, groups * n_rows, s_len), value)
+    return out.view(batch, kv_heads, groups, n_rows, -1)

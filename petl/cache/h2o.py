@@ -11,6 +11,9 @@ The cache only stores and evicts; the scores come from the ``petl_h2o`` attentio
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 from transformers.cache_utils import Cache
 
 from petl.cache.budget import H2OBudget
@@ -66,5 +69,22 @@ class H2OCache(Cache):
         return sum(layer.kv_bytes() for layer in self.layers)
 
     def kept_lengths(self) -> list[int]:
-        """Number of slots each layer holds now (the same for every sample and head)."""
-        return [layer.keys.shape[-2] if layer.is_initialized else 0 for layer in self.layers]
+        """Number of tokens each layer holds now (the same for every sample and head)."""
+        return [layer.kept_length for layer in self.layers]
+
+
+@functools.cache
+def _generate_cache_name() -> str:
+    from transformers.generation.utils import GenerationMixin
+
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def generate_cache_kwargs(cache: Cache) -> dict[str, Cache]:
+    """``{name: cache}`` for ``model.generate(**...)`` under the installed transformers.
+
+    transformers 5.24 renamed generate's ``past_key_values`` to ``cache`` (the old name still
+    works there, with a FutureWarning); 5.17 only knows ``past_key_values``.
+    """
+    return {_generate_cache_name(): cache}

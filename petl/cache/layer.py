@@ -5,11 +5,17 @@ token positions a slot holds differs per sample and per head. The layer therefor
 keys and values, the original position of every slot and the attention mass it has received.
 
 Life of one forward step (one call of the attention module of this layer):
-1. ``update`` appends the new keys/values (already rotated by RoPE) and returns all slots;
+1. ``update`` adds the new keys/values (already rotated by RoPE) and returns all slots;
 2. the ``petl_h2o`` attention function computes softmax probabilities explicitly and calls
    ``accumulate`` with the column sums (per sample, per kv head);
 3. ``accumulate`` adds them to the scores and evicts down to ``heavy + recent`` slots.
-Between steps the layer therefore never holds more than the budget.
+
+Two paths, one policy. Prefill (or any multi-token step) appends in position order and evicts
+with :func:`select_kept`. Steady-state decode is in place: once the cache is full, each step evicts
+exactly one slot per (sample, head) — the lowest-scored token outside the recent window, which is
+what ``select_kept`` would drop — and marks it free (position -1); the next token is written into
+that slot. Decode thus moves O(1) KV rows per step instead of copying the cache, and the
+tensors hold ``heavy + recent + 1`` physical slots, one of them free between steps.
 """
 from __future__ import annotations
 
@@ -46,14 +52,16 @@ def select_kept(scores: torch.Tensor, heavy: int, recent: int) -> torch.Tensor:
 class H2OLayer(CacheLayerMixin):
     """KV cache of one attention layer under the H2O heavy-hitter + recent-window policy.
 
-    Tensors (B batch, H kv heads, N kept slots, D head dim):
+    Tensors (B batch, H kv heads, N physical slots, D head dim):
         keys, values: ``[B, H, N, D]``, keys after RoPE, so a kept token keeps its position.
-        positions: ``[B, H, N]`` long, original token position of each slot (padding included).
+        positions: ``[B, H, N]`` long, original token position of each slot (padding included),
+            -1 for the free slot left by a decode-step eviction.
         scores: ``[B, H, N]`` float32, attention probability the slot has received so far,
             summed over the query heads that share the kv head.
 
     ``get_seq_length`` is the number of tokens seen (so new tokens get the right RoPE position),
-    not the number kept.
+    not the number kept. Slots are in position order after a multi-token step; in-place decode
+    steps leave them unordered (attention does not care: the mask is read through ``positions``).
     """
 
     is_sliding = False
@@ -69,6 +77,8 @@ class H2OLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.positions: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
+        self.free: torch.Tensor | None = None  # [B, H, 1] slot freed by the last decode eviction
+        self.ordered = True  # slots are in position order
         self.awaiting_scores = False
 
     def __repr__(self) -> str:
@@ -88,9 +98,16 @@ class H2OLayer(CacheLayerMixin):
         """``heavy + recent`` once resolved at prefill, else None."""
         return None if self.heavy is None else self.heavy + self.recent
 
+    @property
+    def kept_length(self) -> int:
+        """Slots holding a token (the same for every sample and head)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.shape[-2] - (0 if self.free is None else 1)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``[B, H, q, D]`` new keys/values; return all slots ``[B, H, N + q, D]``."""
+        """Add ``[B, H, q, D]`` new keys/values; return all slots ``[B, H, N', D]``."""
         if self.awaiting_scores:
             raise RuntimeError(NOT_SWITCHED)
         if not self.is_initialized:
@@ -98,38 +115,78 @@ class H2OLayer(CacheLayerMixin):
         batch, heads, q_len, _ = key_states.shape
         if self.heavy is None:
             self.heavy, self.recent = self.budget.resolve(q_len)
+        if q_len == 1 and self.free is not None:
+            self._write_into_free_slot(key_states, value_states)
+        else:
+            self._append(key_states, value_states)
+        self.cumulative_length += q_len
+        self.awaiting_scores = True
+        return self.keys, self.values
+
+    def _write_into_free_slot(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        free = self.free  # [B, H, 1]
+        self.keys.scatter_(2, free.unsqueeze(-1).expand_as(key_states), key_states)
+        self.values.scatter_(2, free.unsqueeze(-1).expand_as(value_states), value_states)
+        self.positions.scatter_(2, free, self.cumulative_length)
+        self.scores.scatter_(2, free, 0.0)
+        self.free, self.ordered = None, False
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if not self.ordered or self.free is not None:
+            self._sort_by_position()
+        batch, heads, q_len, _ = key_states.shape
         new_pos = torch.arange(self.cumulative_length, self.cumulative_length + q_len, device=self.device)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, new_pos.expand(batch, heads, q_len)], dim=-1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, heads, q_len)], dim=-1)
-        self.cumulative_length += q_len
-        self.awaiting_scores = True
-        return self.keys, self.values
+
+    def _sort_by_position(self) -> None:
+        """Put slots back in position order and drop the free slot (multi-token steps only)."""
+        order = self.positions.argsort(dim=-1)  # the free slot (position -1) sorts first
+        if self.free is not None:
+            order = order[..., 1:]
+        self.free, self.ordered = None, True
+        self._gather(order)
 
     def accumulate(self, column_scores: torch.Tensor) -> None:
         """Add this step's attention column sums ``[B, H, N]`` and evict down to the budget."""
         if column_scores.shape != self.scores.shape:
             raise ValueError(f"H2O scores of shape {tuple(column_scores.shape)} do not match the cache "
                              f"slots {tuple(self.scores.shape)}; pass column sums per sample and kv head")
-        self.scores = self.scores + column_scores.to(torch.float32)
+        self.scores += column_scores.to(torch.float32)
         self.awaiting_scores = False
         self.evict()
 
     def evict(self) -> None:
         """Keep the top-``heavy`` old slots by score plus the ``recent`` newest ones."""
-        if self.capacity is None or self.keys.shape[-2] <= self.capacity:
+        n = self.keys.shape[-2]
+        if self.capacity is None or n <= self.capacity:
             return
-        keep = select_kept(self.scores, self.heavy, self.recent)  # [B, H, heavy + recent]
-        self._gather(keep)
+        if n == self.capacity + 1:
+            self._evict_one()
+        else:
+            keep = select_kept(self.scores, self.heavy, self.recent)  # [B, H, heavy + recent]
+            self._gather(keep)
+
+    def _evict_one(self) -> None:
+        """Free the lowest-scored slot outside the recent window, per sample and head.
+
+        With ``heavy + recent + 1`` slots, exactly ``heavy + 1`` lie outside the recent window (the
+        heavy hitters and the token that just left the window), so dropping their minimum is
+        ``select_kept``'s choice without touching K/V.
+        """
+        outside = self.positions < self.cumulative_length - self.recent  # [B, H, N]
+        free = self.scores.masked_fill(~outside, float("inf")).argmin(dim=-1, keepdim=True)
+        self.positions.scatter_(2, free, -1)
+        self.scores.scatter_(2, free, 0.0)
+        self.free = free
 
     def _gather(self, keep: torch.Tensor) -> None:
-        kv_index = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, kv_index)
-        self.values = self.values.gather(2, kv_index.expand(-1, -1, -1, self.values.shape[-1]))
+        self.keys = self.keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
         self.positions = self.positions.gather(2, keep)
         self.scores = self.scores.gather(2, keep)
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The mask is built over *all* positions seen (offset 0): kept slots are a different,
         # non-contiguous set per sample and head, so the attention function picks each slot's
@@ -150,8 +207,8 @@ class H2OLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores))
 
     def reset(self) -> None:
-        self.keys = self.values = self.positions = self.scores = None
-        self.is_initialized = False
+        self.keys = self.values = self.positions = self.scores = self.free = None
+        self.is_initialized, self.ordered = False, True
         self.heavy = self.recent = None
         self.cumulative_length = 0
         self.awaiting_scores = False
@@ -162,10 +219,13 @@ class H2OLayer(CacheLayerMixin):
         raise ValueError("H2OCache cannot be cropped: evicted tokens cannot be restored; "
                          "don't use assisted/speculative decoding with H2O")
 
+    def _tensor_names(self) -> list[str]:
+        return ["keys", "values", "positions", "scores"] + ([] if self.free is None else ["free"])
+
     def _select_batch(self, index: torch.Tensor) -> None:
         if self.is_initialized:
             index = index.to(self.device)
-            for name in ("keys", "values", "positions", "scores"):
+            for name in self._tensor_names():
                 setattr(self, name, getattr(self, name)[index])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -176,15 +236,15 @@ class H2OLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            for name in ("keys", "values", "positions", "scores"):
+            for name in self._tensor_names():
                 setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def offload(self) -> None:
         if self.is_initialized:
-            for name in ("keys", "values", "positions", "scores"):
+            for name in self._tensor_names():
                 setattr(self, name, getattr(self, name).to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
         if self.is_initialized and self.keys.device != self.device:
-            for name in ("keys", "values", "positions", "scores"):
+            for name in self._tensor_names():
                 setattr(self, name, getattr(self, name).to(self.device, non_blocking=True))

@@ -17,11 +17,13 @@ as one long sequence.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import datasets
 import numpy as np
 import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
 
 from petl.data._utils import check_positive_int, progress_bars, require_column
 
@@ -97,11 +99,21 @@ def pack_for_causal_lm(
                              f"block_size={block_size}; lower block_size or pass drop_last=False.")
         per_batch = max(1, _BLOCK_TOKENS_PER_BATCH // block_size)
         index = datasets.Dataset.from_dict({"block": np.arange(n_blocks, dtype=np.int64)})
+        fingerprint = Hasher.hash(["petl-pack-v1", tokenized._fingerprint, block_size, restart_positions, n_blocks])
         return index.map(_blocks_batch, batched=True, batch_size=per_batch, writer_batch_size=per_batch,
                          remove_columns=["block"], num_proc=num_proc, features=_block_features(),
+                         new_fingerprint=fingerprint, cache_file_name=_cache_file(tokenized, fingerprint),
                          fn_kwargs={"tokenized": tokenized, "ends": ends, "total": total,
                                     "block_size": block_size, "restart": restart_positions},
                          desc=f"Packing into {block_size}-token blocks")
+
+
+def _cache_file(tokenized: datasets.Dataset, fingerprint: str) -> str | None:
+    """Write blocks next to the tokenization cache (memory-mapped, reused on a rerun); an in-memory
+    source stays in memory, as datasets does for it."""
+    if not tokenized.cache_files:
+        return None
+    return os.path.join(os.path.dirname(tokenized.cache_files[0]["filename"]), f"petl-packed-{fingerprint}.arrow")
 
 
 def _special_id(tokenizer, which: str, wanted: bool) -> int | None:
@@ -158,11 +170,14 @@ def _blocks_batch(batch: dict, *, tokenized: datasets.Dataset, ends: np.ndarray,
     lo, hi = first * block_size, min((last + 1) * block_size, total)  # global token range
     d0 = int(np.searchsorted(ends, lo, side="right"))  # first document ending after lo
     d1 = int(np.searchsorted(ends, hi, side="left")) + 1  # one past the document holding token hi-1
-    docs = tokenized.with_format("arrow")[d0:d1]["input_ids"]
-    ids = pc.list_flatten(docs).to_numpy(zero_copy_only=False)
-    doc_pos = _positions_in_docs(pc.list_value_length(docs).to_numpy(zero_copy_only=False).astype(np.int64))
-    offset = lo - (int(ends[d0 - 1]) if d0 > 0 else 0)
-    return _rows(ids[offset:offset + hi - lo], doc_pos[offset:offset + hi - lo], block_size, restart)
+    flat = pc.list_flatten(tokenized.with_format("arrow")[d0:d1]["input_ids"])
+    first_start = int(ends[d0 - 1]) if d0 > 0 else 0
+    # Only [lo, hi) is converted, so a document much longer than a batch is never copied whole.
+    ids = flat.slice(lo - first_start, hi - lo).to_numpy()
+    tokens = np.arange(lo, hi, dtype=np.int64)
+    doc = np.searchsorted(ends, tokens, side="right")  # document of every token
+    doc_start = np.where(doc > 0, ends[np.maximum(doc - 1, 0)], 0)
+    return _rows(ids, tokens - doc_start, block_size, restart)
 
 
 def _stream_blocks(dataset: datasets.IterableDataset, tokenizer, text_field: str, bos, eos,

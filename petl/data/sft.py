@@ -129,9 +129,8 @@ def _tokenize_batch(batch: dict, indices: list[int], *, tokenizer, fields: tuple
     names = list(batch)
     records = [{k: batch[k][i] for k in names} for i in range(len(indices))]
     pairs = [_texts(r, fields, template, tokenizer, system_prompt, idx) for r, idx in zip(records, indices)]
-    enc = lambda texts: tokenizer(texts, add_special_tokens=False, return_attention_mask=False,  # noqa: E731
-                                  verbose=False)["input_ids"]
-    prompts, responses = enc([p for p, _ in pairs]), enc([r for _, r in pairs])
+    prompts = _encode([p for p, _ in pairs], tokenizer)
+    responses = _encode([r for _, r in pairs], tokenizer)
     text_template = template != "chat"
     bos = [tokenizer.bos_token_id] if text_template and tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if text_template else []
@@ -146,6 +145,11 @@ def _tokenize_batch(batch: dict, indices: list[int], *, tokenizer, fields: tuple
             out["input_ids"].append(ids)
             out["labels"].append(labels)
     return out
+
+
+def _encode(texts: list[str], tokenizer) -> list[list[int]]:
+    """Token ids without the tokenizer's own special tokens (templates and this module place them)."""
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
 
 def _truncate(ids: np.ndarray, labels: np.ndarray, max_length: int, mode: str, bos_id: int | None,

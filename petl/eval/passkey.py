@@ -6,7 +6,8 @@ greedily with exactly as many tokens as the answer has, and is right iff those i
 ids. petl differs in two documented ways: lengths are *token* targets (the filler is sized so the
 tokenized prompt is as long as possible without exceeding the target; LongLoRA sizes it in
 characters and reports the average token count), and the key depth can be fixed on a grid as well as
-drawn uniformly per test. The filler sentences are petl's own wording of the usual grass/sky/sun text.
+drawn uniformly per test. The filler sentences are petl's own wording of the usual grass/sky/sun
+text.
 """
 from __future__ import annotations
 
@@ -64,19 +65,18 @@ def passkey_prompt(tokenizer: Any, length: int, key: int, depth: float) -> Passk
         return "\n".join([TASK, filler[:before], KEY_LINE.format(key=key),
                           filler[:chars - before], QUESTION])
 
-    cache: dict[int, int] = {}
+    cache: dict[int, list[int]] = {}
 
     def count(chars: int) -> int:
         if chars not in cache:
-            cache[chars] = len(tokenizer(text_for(chars), verbose=False)["input_ids"])
-        return cache[chars]
+            cache[chars] = list(tokenizer(text_for(chars), verbose=False)["input_ids"])
+        return len(cache[chars])
 
     if count(0) > length:
         raise ValueError(f"passkey length {length} is shorter than the prompt without filler "
                          f"({count(0)} tokens); use lengths >= {count(0)}")
-    chars = _largest_fitting(count, length, guess=_chars_guess(tokenizer, length - count(0)))
-    text = text_for(chars)
-    input_ids = list(tokenizer(text, verbose=False)["input_ids"])
+    chars = _largest_fitting(count, length, _chars_per_token(tokenizer))
+    text, input_ids = text_for(chars), cache[chars]
     return PasskeyPrompt(text, input_ids, answer_token_ids(tokenizer, text, key), key, depth, chars)
 
 
@@ -168,33 +168,40 @@ def _summarise(records: list[dict[str, Any]], lengths: Sequence[int], depth_keys
             "depths": depth_keys if depth_keys != ["random"] else "random"}
 
 
-def _largest_fitting(count: Callable[[int], int], target: int, guess: int) -> int:
+def _largest_fitting(count: Callable[[int], int], target: int, chars_per_token: float) -> int:
     """Largest filler size ``c`` found with ``count(c) <= target < count(c + 1)``.
 
-    ``count`` is monotone up to BPE merges at the cut, so the bracket search lands within a token
-    or two of the target and never above it (every accepted ``c`` was measured).
+    Token count grows almost linearly with the filler, so a few secant steps land near the target;
+    a bracket search then settles the last characters. ``count`` is monotone up to BPE merges at
+    the cut, so the result is within a token or two of the target and never above it (every
+    accepted ``c`` was measured).
     """
-    lo, hi = 0, max(guess, 1)
-    step = max(16, guess // 32)
-    if count(hi) <= target:
+    c = int((target - count(0)) * chars_per_token)
+    for _ in range(4):  # secant steps on the measured slope
+        gap = target - count(c)
+        if 0 <= gap <= 2:
+            break
+        c = max(0, c + int(gap * chars_per_token))
+    step = max(4, int(2 * chars_per_token))
+    if count(c) <= target:
+        lo, hi = c, c + step
         while count(hi) <= target:
             lo, hi, step = hi, hi + step, step * 2
     else:
-        probe = max(hi - step, 0)
-        while probe > 0 and count(probe) > target:
-            hi, probe, step = probe, max(probe - step, 0), step * 2
-        lo = probe
+        hi, lo = c, max(c - step, 0)
+        while lo > 0 and count(lo) > target:
+            hi, lo, step = lo, max(lo - step, 0), step * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
     return lo
 
 
-def _chars_guess(tokenizer: Any, tokens: int) -> int:
-    """Filler characters expected to make ``tokens`` tokens, from the filler's own ratio."""
+def _chars_per_token(tokenizer: Any) -> float:
+    """Characters of filler per token, measured on the filler itself."""
     sample = " ".join([FILLER] * 8)
     n = len(tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"])
-    return int(tokens * len(sample) / max(n, 1))
+    return len(sample) / max(n, 1)
 
 
 def _validate(lengths: Sequence[int], depths: Sequence[float] | None, num_tests: int) -> None:

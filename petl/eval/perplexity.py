@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +24,7 @@ from petl.eval.windows import LONGLORA_STRIDE, Window, longlora_windows, sliding
 
 Mode = Literal["sliding", "longlora"]
 
-#: Positions per log-softmax chunk: bounds the fp32 copy of the logits to chunk x vocab floats.
+#: Positions per log-softmax chunk: bounds the upcast copy of the logits to chunk x vocab floats.
 NLL_CHUNK = 2048
 
 
@@ -84,7 +85,7 @@ def perplexity(model: torch.nn.Module, token_ids: Any, *, lengths: Sequence[int]
 def as_documents(token_ids: Any) -> list[torch.Tensor]:
     """Normalise the accepted inputs to a list of 1-D int64 CPU tensors (one per document)."""
     if isinstance(token_ids, torch.Tensor) or hasattr(token_ids, "__array__"):
-        t = torch.as_tensor(token_ids)
+        t = _tensor(token_ids)
         if t.dim() == 1:
             docs = [t]
         elif t.dim() == 2:
@@ -92,9 +93,9 @@ def as_documents(token_ids: Any) -> list[torch.Tensor]:
         else:
             raise ValueError(f"token_ids must be 1-D [N] or 2-D [D, N], got shape {tuple(t.shape)}")
     elif isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], int):
-        docs = [torch.as_tensor(token_ids)]
+        docs = [_tensor(token_ids)]
     elif isinstance(token_ids, (list, tuple)) and token_ids:
-        docs = [torch.as_tensor(d) for d in token_ids]
+        docs = [_tensor(d) for d in token_ids]
     else:
         raise ValueError("token_ids must be a 1-D token tensor or a non-empty list of documents; "
                          "use petl.eval.load_eval_tokens(path, tokenizer) to make one")
@@ -105,6 +106,16 @@ def as_documents(token_ids: Any) -> list[torch.Tensor]:
                              f"{tuple(d.shape)}")
         out.append(d.to(device="cpu", dtype=torch.long))
     return out
+
+
+def _tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    arr = np.asarray(x)
+    # Copy integer arrays to int64: memmaps are read-only and uint16 is LongLoRA's storage type.
+    if arr.dtype.kind in "iu":
+        return torch.from_numpy(arr.astype(np.int64))
+    return torch.as_tensor(arr)
 
 
 def _validate(lengths: Sequence[int], mode: str, stride: int | None, batch_size: int,
@@ -177,9 +188,10 @@ def _window_nll(model: torch.nn.Module, ids: torch.Tensor, score_from: list[int]
     logits = model(input_ids=ids, use_cache=False, **kwargs).logits  # [B, K, V]
     K = logits.shape[1]
     targets = ids[:, T - K + 1:]  # [B, K-1]; logits[:, j] predicts position T-K+1+j
-    nll = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays
+    nll = torch.empty(targets.shape, dtype=dtype, device=logits.device)
     for s in range(0, K - 1, NLL_CHUNK):
-        lg = logits[:, s:min(s + NLL_CHUNK, K - 1)].float()  # [B, c, V]
+        lg = logits[:, s:min(s + NLL_CHUNK, K - 1)].to(dtype)  # [B, c, V]
         nll[:, s:s + lg.shape[1]] = F.cross_entropy(
             lg.reshape(-1, lg.shape[-1]), targets[:, s:s + lg.shape[1]].reshape(-1),
             reduction="none").view(lg.shape[0], -1)

@@ -64,7 +64,7 @@ def longlora_windows(n: int, length: int, stride: int = LONGLORA_STRIDE) -> list
 
 
 def num_longlora_windows(n: int, length: int, stride: int = LONGLORA_STRIDE) -> int:
-    """Closed form of ``len(longlora_windows(n, length, stride))``: ``max(0, ceil((n-L)/s) - 1)``."""
+    """Closed form of ``len(longlora_windows(n, length, stride))``: max(0, ceil((n-L)/s) - 1)."""
     _check(length, stride)
     return max(0, math.ceil((n - length) / stride) - 1)
 

@@ -123,6 +123,13 @@ class DataSection:
     format: ``pretrain`` packs documents into blocks of ``block_size`` tokens; ``sft`` builds
         instruction/response examples with the loss masked on the prompt (LongAlpaca format).
     block_size: tokens per training example; null uses ``model.context_length`` (or the native context).
+    template, truncate: SFT prompt template and which end of a too-long example is cut
+        (see docs/data.md).
+    txt_sample_by: for ``.txt`` sources, one example per file, paragraph or line.
+    config_name: configuration name of a hub data set.
+    data_files: files of a hub data set to read with a packaged builder (``source: json`` with
+        ``data_files: [hf://datasets/ORG/NAME/*.jsonl]``), for script-based sets that datasets >= 4
+        no longer runs.
     eval_source: held-out text for perplexity evaluation (a file or the same forms as ``source``).
     """
 
@@ -133,7 +140,11 @@ class DataSection:
     block_size: Optional[int] = None
     max_samples: Optional[int] = None
     restart_positions: bool = True
-    template: Literal["longalpaca", "alpaca", "chat"] = "longalpaca"
+    template: Literal["longalpaca", "alpaca", "raw", "chat"] = "longalpaca"
+    truncate: Literal["left", "right", "error"] = "left"
+    txt_sample_by: Literal["document", "paragraph", "line"] = "document"
+    config_name: Optional[str] = None
+    data_files: Optional[list[str]] = None
     eval_source: Optional[str] = "petl:shakespeare-heldout"
     num_proc: Optional[int] = None
 

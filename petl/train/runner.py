@@ -148,16 +148,16 @@ def build_train_dataset(recipe: Recipe, tokenizer, block_size: int):
     from petl.data import build_sft_dataset, load_text_dataset, pack_for_causal_lm
 
     source = resolve_data_source(recipe.data.source)
-    raw = load_text_dataset(source, split=recipe.data.split, text_field=recipe.data.text_field,
-                            max_samples=recipe.data.max_samples, trust_remote_code=recipe.model.trust_remote_code)
+    text_field = recipe.data.text_field if recipe.data.format == "pretrain" else None
+    raw = load_text_dataset(source, split=recipe.data.split, text_field=text_field,
+                            max_samples=recipe.data.max_samples, trust_remote_code=recipe.model.trust_remote_code,
+                            name=recipe.data.config_name, data_files=recipe.data.data_files,
+                            txt_sample_by=recipe.data.txt_sample_by)
     if recipe.data.format == "sft":
-        return build_sft_dataset(raw, tokenizer, max_length=block_size, template=recipe.data.template)
-    dataset = pack_for_causal_lm(raw, tokenizer, block_size=block_size, text_field=recipe.data.text_field,
-                                 restart_positions=recipe.data.restart_positions, num_proc=recipe.data.num_proc)
-    if len(dataset) == 0:
-        raise RecipeError(f"data.source {recipe.data.source!r} holds fewer than data.block_size={block_size} "
-                          "tokens; give more text or a smaller block size")
-    return dataset
+        return build_sft_dataset(raw, tokenizer, max_length=block_size, template=recipe.data.template,
+                                 truncate=recipe.data.truncate, num_proc=recipe.data.num_proc)
+    return pack_for_causal_lm(raw, tokenizer, block_size=block_size, text_field=recipe.data.text_field,
+                              restart_positions=recipe.data.restart_positions, num_proc=recipe.data.num_proc)
 
 
 def evaluate(model, tokenizer, recipe: Recipe, stage: str) -> dict[str, Any]:
@@ -215,15 +215,20 @@ def run_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     from petl.train.callbacks import JsonlStepLogger, plot_loss_curve
     from petl.train.checkpointing import AtomicCheckpointTrainer, last_complete_checkpoint
 
+    precision = _precision(recipe)
+    # TrainingArguments first: it sets up the process group (torchrun / accelerate launch), so the
+    # PartialState below sees every process, on CPU (gloo) as on GPU.
+    out = Path(recipe.output_dir)
+    args = training_arguments(recipe, out, precision)
     state = PartialState()
-    out = prepare_output_dir(recipe, resume) if state.is_main_process else Path(recipe.output_dir)
+    if state.is_main_process:
+        prepare_output_dir(recipe, resume)
+        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     state.wait_for_everyone()
-    (out / "recipe.yaml").write_text(recipe_to_yaml(recipe)) if state.is_main_process else None
     checkpoint = last_complete_checkpoint(out / CHECKPOINT_DIR) if resume else None
     if resume and checkpoint is None:
         _echo(f"[petl] no complete checkpoint under {out / CHECKPOINT_DIR}; starting from step 0")
     set_seed(recipe.train.seed)
-    precision = _precision(recipe)
     _echo(f"[petl] loading {recipe.model.name} ({_model_dtype(recipe, precision)}, training precision {precision})")
     model, tokenizer, info = build_model(recipe, precision)
     block_size = recipe.data.block_size or info["context_length"]
@@ -246,7 +251,6 @@ def run_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     metrics["trainable_parameters"], metrics["total_parameters"] = trainable, total
     _echo(f"[petl] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
-    args = training_arguments(recipe, out, precision)
     collator = DataCollatorForCausalLM(tokenizer, pad_to_multiple_of=_pad_multiple(recipe, block_size))
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     trainer = AtomicCheckpointTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
