@@ -112,7 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
                            generator=gen)
         base = None
         for name, fn in fns.items():
-            ms, peak = bench(fwd_bwd(fn, q, k, v, dout), (q, k, v))
+            try:
+                ms, peak = bench(fwd_bwd(fn, q, k, v, dout), (q, k, v))
+            except Exception as err:  # a failing variant is recorded, the others still run
+                rows.append(dict(length=length, variant=name, error=f"{type(err).__name__}: {err}"[:300]))
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             base = ms if name == "sdpa_causal_full" else base
             row = dict(length=length, variant=name, fwd_bwd_ms=round(ms, 3), peak_gib=round(peak, 3),
                        speedup_vs_sdpa=round(base / ms, 3))
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row["block_mask_build_ms"] = round(mask_build_ms(cfgs[name], args.heads, length), 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if "petl_s2_varlen" in fns:
+        if {"petl_s2_varlen", "petl_s2_flex"} <= {r["variant"] for r in rows if r["length"] == length and "error" not in r}:
             with torch.no_grad():
                 a = fns["petl_s2_flex"](q, k, v).float()
                 b = fns["petl_s2_varlen"](q, k, v).float()
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.empty_cache()
         out.write_text(json.dumps(result, indent=2) + "\n")  # after every length: partial runs keep their rows
     print(f"{'L':>6} {'variant':<22} {'ms':>9} {'x sdpa':>7} {'GiB':>6}")
-    for r in rows:
+    for r in (r for r in rows if "error" not in r):
         print(f"{r['length']:>6} {r['variant']:<22} {r['fwd_bwd_ms']:>9.3f} {r['speedup_vs_sdpa']:>7.2f} "
               f"{r['peak_gib']:>6.2f}")
     return result

@@ -59,7 +59,10 @@ def _sync() -> None:
 
 
 def _bench(fn, inputs: list[torch.Tensor], params: list[torch.Tensor], reps: int = 30) -> tuple[float, float]:
-    """Median ms of fwd+bwd over rotating inputs, and MiB held between forward and backward."""
+    """Median ms of fwd+bwd over rotating inputs, and MiB held between forward and backward.
+
+    The forward-only median (no grad) is left in ``_bench.last_fwd_ms``.
+    """
     gy = torch.randn(fn(inputs[0]).shape, device=DEVICE, dtype=torch.bfloat16)
     for x in inputs:  # warm-up
         fn(x).backward(gy)
@@ -75,6 +78,15 @@ def _bench(fn, inputs: list[torch.Tensor], params: list[torch.Tensor], reps: int
         times.append((time.perf_counter() - start) * 1e3)
     for t in inputs + params:
         t.grad = None
+    with torch.no_grad():
+        fwd = []
+        for rep in range(reps):
+            _sync()
+            start = time.perf_counter()
+            fn(inputs[rep % len(inputs)])
+            _sync()
+            fwd.append((time.perf_counter() - start) * 1e3)
+    _bench.last_fwd_ms = statistics.median(fwd)
     if DEVICE != "cuda":
         return statistics.median(times), float("nan")
     before = torch.cuda.memory_allocated()
@@ -122,7 +134,7 @@ def k9_rows(tokens: int, ranks: list[int], shapes: list[str]) -> list[dict]:
         base = _base(d_out, d_in)
         ms, saved = _bench(base, inputs, [])
         rows.append(dict(target="K9", shape=shape_name, tokens=tokens, variant="base_linear_frozen", rank=0,
-                         trainable_params=0, ms=ms, saved_MiB=saved))
+                         trainable_params=0, ms=ms, fwd_ms=_bench.last_fwd_ms, saved_MiB=saved))
         for r in ranks:
             results = {}
             for init in ("weight", "zero"):
@@ -140,11 +152,13 @@ def k9_rows(tokens: int, ranks: list[int], shapes: list[str]) -> list[dict]:
                 ms, saved = _bench(model, inputs, params)
                 results[init] = ms
                 rows.append(dict(target="K9", shape=shape_name, tokens=tokens, variant=f"soka_{init}_init", rank=r,
-                                 trainable_params=n_params, ms=ms, saved_MiB=saved, rel_err_vs_dense=rel))
+                                 trainable_params=n_params, ms=ms, fwd_ms=_bench.last_fwd_ms, saved_MiB=saved,
+                                 rel_err_vs_dense=rel))
                 if init == "weight":
                     ms_e, saved_e = _bench(_einsum_soka(layer), inputs, params)
                     rows.append(dict(target="K9", shape=shape_name, tokens=tokens, variant="soka_weight_einsum_autograd",
-                                     rank=r, trainable_params=n_params, ms=ms_e, saved_MiB=saved_e))
+                                     rank=r, trainable_params=n_params, ms=ms_e, fwd_ms=_bench.last_fwd_ms,
+                                     saved_MiB=saved_e))
                 del model, layer, params
             r_lora = max(1, round(n_params / (d_out + d_in)))
             lora = get_peft_model(_base(d_out, d_in), LoraConfig(r=r_lora, lora_alpha=r_lora, target_modules=["proj"],
@@ -152,7 +166,8 @@ def k9_rows(tokens: int, ranks: list[int], shapes: list[str]) -> list[dict]:
             params = [p for p in lora.parameters() if p.requires_grad]
             ms_l, saved_l = _bench(lora, inputs, params)
             rows.append(dict(target="K9", shape=shape_name, tokens=tokens, variant="peft_lora", rank=r_lora,
-                             trainable_params=sum(p.numel() for p in params), ms=ms_l, saved_MiB=saved_l))
+                             trainable_params=sum(p.numel() for p in params), ms=ms_l, fwd_ms=_bench.last_fwd_ms,
+                             saved_MiB=saved_l))
             for init, ms in results.items():
                 rows.append(dict(target="K9", shape=shape_name, tokens=tokens, variant=f"ratio_soka_{init}_over_lora",
                                  rank=r, ratio=ms / ms_l, meets_1_2x=ms / ms_l <= 1.2))
@@ -220,20 +235,22 @@ def main(argv: list[str] | None = None) -> None:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    meta = dict(benchmark="soka_layer",
+                gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)",
+                torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
+                peft=peft.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                command="python -m benchmarks.soka_layer " + " ".join(argv if argv is not None else sys.argv[1:]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = _Rows(k9_rows(args.tokens, [int(r) for r in args.ranks.split(",")], args.shapes.split(",")))
+    out.write_text(json.dumps(dict(meta, rows=rows), indent=1))  # K9 is kept even if K10 is cut short
     if not args.skip_k10:
         try:
             rows += k10_rows(args.k10_layers, args.k10_budget, args.k10_hidden, args.k10_intermediate)
         except Exception as err:  # keep the K9 rows when the large model does not fit
             rows.append(dict(target="K10", error=f"{type(err).__name__}: {err}"))
-    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"
-    result = dict(benchmark="soka_layer", gpu=gpu, torch=torch.__version__,
-                  triton=triton_version, transformers=transformers.__version__, peft=peft.__version__,
-                  python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                  command="python -m benchmarks.soka_layer " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  rows=rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+        out.write_text(json.dumps(dict(meta, rows=rows), indent=1))
     print("summary:", flush=True)
     for row in rows:
         if "ratio" in row or row.get("target") == "K10":

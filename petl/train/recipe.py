@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from petl.audio.section import AudioSection
+from petl.tasks.section import TaskSection
 from petl.train.schema_types import RecipeError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -53,7 +55,8 @@ class ModelSection:
 class AdapterSection:
     """The parameter-efficient adapter.
 
-    type: ``lora`` (peft LoRA), ``soka`` (Kronecker SVD adapters), ``none`` (train only
+    type: ``lora`` (peft LoRA), ``soka`` (Kronecker SVD adapters), ``audio`` (audio-spectrogram
+        adapters, configured by ``options``), ``none`` (train only
         ``trainable_modules``; full fine-tuning is not petl's job).
     target_modules: module name suffixes that get adapters.
     trainable_modules: extra modules trained in full and saved with the adapter (peft
@@ -63,7 +66,7 @@ class AdapterSection:
         ``energy_threshold``); unknown names are rejected by that config.
     """
 
-    type: Literal["lora", "soka", "none"] = "lora"
+    type: Literal["lora", "soka", "audio", "none"] = "lora"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -222,6 +225,7 @@ class Recipe:
 
     name: str = "recipe"
     description: str = ""
+    task: TaskSection = field(default_factory=TaskSection)
     model: ModelSection = field(default_factory=ModelSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
     attention: AttentionSection = field(default_factory=AttentionSection)
@@ -229,6 +233,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
+    audio: AudioSection = field(default_factory=AudioSection)
 
     def __post_init__(self) -> None:
         if self.model.quantization == "4bit" and self.adapter.type == "soka":

@@ -201,6 +201,16 @@ def training_arguments(recipe: Recipe, out: Path, precision: str):
     )
 
 
+#: task.type -> "module:function" of the runner for tasks other than causal LM training.
+TASK_RUNNERS = {
+    "sequence_classification": "petl.tasks.runner:run_task_recipe",
+    "multiple_choice": "petl.tasks.runner:run_task_recipe",
+    "extractive_qa": "petl.tasks.runner:run_task_recipe",
+    "generative": "petl.tasks.runner:run_task_recipe",
+    "audio_classification": "petl.audio.runner:run_audio_recipe",
+}
+
+
 def run_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Run a recipe end to end; returns the metrics also written to ``metrics.json``.
 
@@ -208,6 +218,16 @@ def run_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
         recipe (Recipe): a validated recipe (see :func:`petl.load_recipe`).
         resume (bool): continue from the newest complete checkpoint in the output folder.
     """
+    if recipe.task.type != "causal_lm":
+        import importlib
+
+        module, function = TASK_RUNNERS[recipe.task.type].split(":")
+        return getattr(importlib.import_module(module), function)(recipe, resume=resume)
+    return run_causal_lm_recipe(recipe, resume=resume)
+
+
+def run_causal_lm_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
+    """Next-token training (context extension, domain adaptation, SFT) of a causal LM."""
     from accelerate import PartialState
     from transformers import set_seed
 

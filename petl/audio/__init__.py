@@ -1,0 +1,1 @@
+"""Audio-spectrogram transformer fine-tuning: audio data pipeline, datasets and the audio runner."""
