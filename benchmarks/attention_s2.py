@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
                 row["block_mask_build_ms"] = round(mask_build_ms(cfgs[name], args.heads, length), 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if {"petl_s2_varlen", "petl_s2_flex"} <= {r["variant"] for r in rows if r["length"] == length and "error" not in r}:
+        ok = {r["variant"] for r in rows if r["length"] == length and "error" not in r}
+        if {"petl_s2_varlen", "petl_s2_flex"} <= ok:
             with torch.no_grad():
                 a = fns["petl_s2_flex"](q, k, v).float()
                 b = fns["petl_s2_varlen"](q, k, v).float()

@@ -22,9 +22,14 @@ _LAZY = {
     "load_model": "petl.models",
     "merge_adapter": "petl.merge",
     "lora_config": "petl.adapters.lora",
+    "use_attention": "petl.attention",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
+
+# Registration with transformers (attention + mask functions) and peft (adapter methods) must
+# happen on `import petl`, so these modules are imported eagerly.
+import petl.attention  # noqa: E402,F401
 
 
 def __getattr__(name: str) -> Any:

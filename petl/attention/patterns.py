@@ -187,10 +187,9 @@ def head_classes(cfg: PatternConfig, num_heads: int) -> tuple[list[int], torch.T
     its class (``[H]`` long), so a mask is evaluated once per class and gathered per head.
     """
     h0 = cfg.shifted_from(num_heads)
-    reps = [h for h in (0, h0) if h < num_heads and (h == 0 or h0 > 0)]
-    reps = sorted(set(reps))
-    cls = (torch.arange(num_heads) >= h0).long() if len(reps) == 2 else torch.zeros(num_heads, dtype=torch.long)
-    return reps, cls
+    if 0 < h0 < num_heads:
+        return [0, h0], (torch.arange(num_heads) >= h0).long()
+    return [0], torch.zeros(num_heads, dtype=torch.long)  # all heads shifted (h0 == 0) or none
 
 
 def dense_mask(cfg: PatternConfig, num_heads: int, layout: "SequenceLayout") -> torch.Tensor:

@@ -94,7 +94,8 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
         chunk_size (int): chunk length of the chunked form. Default: 64.
 
     Returns:
-        ``(o [B, T, H, V], final_state [B, H, F, V] float32 or float64)``.
+        ``(o [B, T, H, V], final_state [B, H, F, V])``: o in float32/float64 from the reference
+        and chunked forms, in q's dtype from fla; the state always float32 (float64 for float64).
     """
     if q.shape[1] == 1:
         return naive_recurrent_gla(q, k, v, g, initial_state)

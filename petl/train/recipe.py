@@ -87,20 +87,26 @@ class AttentionSection:
 
     pattern: ``full``, ``s2`` (LongLoRA shifted sparse attention) or ``sf`` (SinkLoRA).
     group_ratio: group size as a fraction of the sequence length (LongLoRA: 1/4).
+    group_size: a fixed group size in tokens instead (LongLoRA's SFT setting); overrides group_ratio.
     cyclic: S2 only: LongLoRA's roll with wrap-around (paper parity) instead of non-cyclic segments.
     n_sink, shift_head_fraction, sink_bidirectional: SF-Attn options.
-    backend: ``auto`` picks FlexAttention on CUDA and the reference elsewhere.
+    backend: ``auto`` picks FlexAttention on CUDA and the reference elsewhere; ``varlen`` is
+        torch's flash varlen path (non-cyclic S2 only).
     """
 
     pattern: Literal["full", "s2", "sf"] = "full"
     group_ratio: float = 0.25
+    group_size: Optional[int] = None
     cyclic: bool = False
     n_sink: int = 4
     shift_head_fraction: float = 0.5
     sink_bidirectional: bool = False
-    backend: Literal["auto", "reference", "flex"] = "auto"
+    backend: Literal["auto", "reference", "flex", "varlen"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.group_size is not None:
+            _check(self.group_size >= 2 and self.group_size % 2 == 0, "attention.group_size", self.group_size,
+                   "must be an even integer >= 2 (or null to use group_ratio)")
         _check(0.0 < self.group_ratio <= 1.0, "attention.group_ratio", self.group_ratio, "must be in (0, 1]")
         _check(self.n_sink >= 0, "attention.n_sink", self.n_sink, "must be >= 0")
         _check(0.0 <= self.shift_head_fraction <= 1.0, "attention.shift_head_fraction",
@@ -108,11 +114,11 @@ class AttentionSection:
 
     def params(self) -> dict[str, Any]:
         """Keyword arguments for :func:`petl.attention.use_attention` for this pattern."""
+        common = {"group_ratio": self.group_ratio, "group_size": self.group_size, "backend": self.backend}
         if self.pattern == "s2":
-            return {"group_ratio": self.group_ratio, "cyclic": self.cyclic, "backend": self.backend}
+            return {**common, "cyclic": self.cyclic}
         if self.pattern == "sf":
-            return {"group_ratio": self.group_ratio, "n_sink": self.n_sink, "backend": self.backend,
-                    "shift_head_fraction": self.shift_head_fraction,
+            return {**common, "n_sink": self.n_sink, "shift_head_fraction": self.shift_head_fraction,
                     "sink_bidirectional": self.sink_bidirectional}
         return {}
 

@@ -308,7 +308,7 @@ def _pad_multiple(recipe: Recipe, block_size: int) -> Optional[int]:
     # to a multiple of the group size (packed pretraining blocks already have the full length).
     if recipe.attention.pattern == "full" or recipe.data.format != "sft":
         return None
-    group = max(2, int(block_size * recipe.attention.group_ratio))
+    group = recipe.attention.group_size or max(2, int(block_size * recipe.attention.group_ratio))
     return group + (group % 2)
 
 
