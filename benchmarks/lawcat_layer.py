@@ -68,7 +68,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int = 32,
-        head_dim: int = 128) -> dict:
+        head_dim: int = 128, backends: list[str] | None = None) -> dict:
     import torch.nn.functional as F
     import transformers
     import triton
@@ -80,7 +80,8 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
     dev, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
     H, D = heads, head_dim
     cfg, softmax, lawcat, rope = _layers(H, H, D, dtype, dev)
-    backends = (["fla"] if fla_available() else []) + ["chunked"]
+    available = (["fla"] if fla_available() else []) + ["chunked"]
+    backends = [b for b in (backends or available) if b in available]
     result = {
         "benchmark": "lawcat_layer", "target": "K7",
         "gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke run, not a result)", "torch": torch.__version__, "triton": triton.__version__,
@@ -120,6 +121,8 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
             lambda: softmax(xg, position_embeddings=pe)[0].backward(dy), grad_to_none=params + [xg])
         outs = {}
         for be in backends:
+            print(f"N={N}: timing lawcat_layer[{be}] (fla's first call autotunes ~15 Triton kernels: minutes)",
+                  flush=True)
             lawcat.lawcat_config.backend = be
             with torch.no_grad():
                 outs[be] = lawcat(x, position_embeddings=pe)[0]
@@ -132,7 +135,7 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
                 ref = lawcat(x, position_embeddings=pe)[0]
             for be, o in outs.items():
                 result["checks"].append({"N": N, "what": f"{be} vs float32 reference", "rel_err": _rel(o, ref)})
-        if len(outs) == 2:
+        if {"fla", "chunked"} <= set(outs):
             result["checks"].append({"N": N, "what": "fla vs chunked", "rel_err": _rel(outs["fla"], outs["chunked"])})
         for name, r in rows.items():
             r.update(N=N, impl=name, sdpa_tflops_fwd=flops / r["fwd_ms"] / 1e9,
@@ -150,7 +153,7 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
             torch.cuda.empty_cache()
         save()
 
-    lawcat.lawcat_config.backend = "auto"
+    lawcat.lawcat_config.backend = backends[0]
     for N in decode_lengths:
         cache = LawcatCache(cfg, [0])
         with torch.no_grad():
@@ -185,13 +188,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--decode-lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--backends", nargs="+", choices=["fla", "chunked"], default=None,
+                    help="LAWCAT backends to time (default: every available one)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     if not torch.cuda.is_available() and args.out == RESULTS:
         raise SystemExit("benchmarks.lawcat_layer measures on CUDA; on CPU only a smoke run with --out elsewhere")
-    run(args.lengths, args.decode_lengths, args.out, args.heads, args.head_dim)
+    run(args.lengths, args.decode_lengths, args.out, args.heads, args.head_dim, args.backends)
 
 
 if __name__ == "__main__":

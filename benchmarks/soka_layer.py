@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import petl.adapters.soka  # noqa: F401  (registers SOKA with peft)
-from petl.adapters.soka import SokaConfig
+from petl.adapters.soka import SokaConfig  # importing it registers SOKA with peft
 
 SHAPES = {"attn_4096x4096": (4096, 4096), "mlp_up_11008x4096": (11008, 4096), "mlp_down_4096x11008": (4096, 11008),
           "smoke_96x64": (96, 64)}
@@ -221,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k10-hidden", type=int, default=4096)
     parser.add_argument("--k10-intermediate", type=int, default=11008)
     parser.add_argument("--skip-k10", action="store_true")
+    parser.add_argument("--skip-k9", action="store_true")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run of the script")
     parser.add_argument("--out", default="benchmarks/results/soka_layer.json")
     args = parser.parse_args(argv)
@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                 command="python -m benchmarks.soka_layer " + " ".join(argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = _Rows(k9_rows(args.tokens, [int(r) for r in args.ranks.split(",")], args.shapes.split(",")))
+    rows = _Rows() if args.skip_k9 else _Rows(k9_rows(args.tokens, [int(r) for r in args.ranks.split(",")],
+                                                       args.shapes.split(",")))
     out.write_text(json.dumps(dict(meta, rows=rows), indent=1))  # K9 is kept even if K10 is cut short
     if not args.skip_k10:
         try:

@@ -23,6 +23,13 @@ _LAZY = {
     "merge_adapter": "petl.merge",
     "lora_config": "petl.adapters.lora",
     "use_attention": "petl.attention",
+    "H2OCache": "petl.cache",
+    "enable_h2o": "petl.cache",
+    "LawcatConfig": "petl.linear",
+    "convert_to_lawcat": "petl.linear",
+    "save_lawcat": "petl.linear",
+    "load_lawcat": "petl.linear",
+    "LawcatCache": "petl.linear",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -30,6 +37,9 @@ __all__ = sorted(_LAZY) + ["__version__"]
 # Registration with transformers (attention + mask functions) and peft (adapter methods) must
 # happen on `import petl`, so these modules are imported eagerly.
 import petl.attention  # noqa: E402,F401
+from petl.adapters.soka import SokaConfig  # noqa: E402
+
+__all__ = sorted(__all__ + ["SokaConfig"])
 
 
 def __getattr__(name: str) -> Any:

@@ -147,7 +147,7 @@ def perturb_adapter(model: nn.Module, adapter: str = "default", seed: int = 0, s
     with torch.no_grad():
         for name, p in model.named_parameters():
             if _belongs_to(name, adapter) and p.dtype.is_floating_point:
-                p.add_((torch.randn(p.shape, generator=gen) * size).to(p.dtype))
+                p.add_((torch.randn(p.shape, generator=gen) * size).to(p.device, p.dtype))
 
 
 def _belongs_to(param_name: str, adapter: str) -> bool:

@@ -29,6 +29,9 @@ def shrink(model_dir, data_file, out_dir, sft_file=None, recipe_name="quickstart
         "data.eval_source": data_file, "eval.perplexity_lengths": "[64,128]", "eval.max_windows": 2,
         "eval.passkey_lengths": "[]", "output.dir": out_dir,
     }
+    if recipe.data.format == "sft":  # the fixture's records use LongAlpaca's column names
+        overrides.update({"data.instruction_field": "instruction", "data.output_field": "output",
+                          "data.max_samples": "null"})
     overrides.update(extra)
     return [f"{k}={v}" for k, v in overrides.items()]
 

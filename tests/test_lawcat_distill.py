@@ -11,6 +11,7 @@ from petl.distill import (
     attention_transfer_step,
     prepare_attention_transfer,
     prepare_lora_finetune,
+    set_attention_transfer,
 )
 from petl.linear import LawcatConfig, convert_to_lawcat, lawcat_parameters, load_lawcat, save_lawcat
 from petl.testing import tiny_causal_lm
@@ -47,7 +48,29 @@ def test_distill_mode_passes_teacher_output_and_reports_true_mse():
     # Layer 0 sees identical inputs in both runs, so its MSE is checkable by hand.
     torch.testing.assert_close(per_layer[0], (s_seen[0] - t_seen[0]).pow(2).mean(), rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(loss, 1000 * torch.stack(list(per_layer.values())).mean())
-    assert not any(m for m in (getattr(x, "lawcat_distill", False) for x in student.modules()))
+    flags = lambda: [m.lawcat_distill for m in student.modules() if hasattr(m, "lawcat_distill")]  # noqa: E731
+    assert all(flags())                       # left on, so a checkpointed backward recomputes alike
+    set_attention_transfer(student, False)
+    assert not any(flags())
+
+
+def test_attention_transfer_with_gradient_checkpointing_matches():
+    _, student = _pair("llama")
+    prepare_attention_transfer(student)
+    student.train()
+    batch = {"input_ids": torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))}
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with attention_transfer_mode(student):
+            loss, _ = attention_transfer_loss(student, batch)
+            loss.backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+        student.zero_grad()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-8)
 
 
 def test_attention_transfer_reduces_every_layer_mse():

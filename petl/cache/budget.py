@@ -67,10 +67,6 @@ class H2OBudget:
             raise ValueError("H2O budget is 0 (heavy + recent keeps no KV entry); "
                              "give heavy/recent (or their ratios) a positive value")
 
-    @property
-    def uses_ratios(self) -> bool:
-        return self.heavy_ratio is not None or self.recent_ratio is not None
-
     def resolve(self, prompt_length: int) -> tuple[int, int]:
         """Return ``(heavy, recent)`` token counts for a prompt of ``prompt_length`` tokens."""
         heavy = self.heavy if self.heavy is not None else _ratio_count(self.heavy_ratio, prompt_length)

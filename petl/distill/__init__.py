@@ -6,6 +6,7 @@ from .attention_transfer import (
     attention_transfer_mode,
     attention_transfer_step,
     prepare_attention_transfer,
+    set_attention_transfer,
 )
 from .finetune import LORA_TARGETS, prepare_lora_finetune
 
@@ -18,4 +19,5 @@ __all__ = [
     "attention_transfer_step",
     "prepare_attention_transfer",
     "prepare_lora_finetune",
+    "set_attention_transfer",
 ]

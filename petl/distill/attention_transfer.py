@@ -42,14 +42,21 @@ def _lawcat_modules(model: nn.Module) -> list[LawcatAttention]:
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
-@contextlib.contextmanager
-def attention_transfer_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
-    """Switch every LAWCAT layer into (or out of) distill mode for the ``with`` block."""
+def set_attention_transfer(model: nn.Module, enabled: bool = True) -> list[bool]:
+    """Switch every LAWCAT layer into (or out of) distill mode; returns the previous flags."""
     mods = _lawcat_modules(model)
     before = [m.lawcat_distill for m in mods]
     for m in mods:
         m.lawcat_distill = enabled
-        m.lawcat_distill_loss = None
+    return before
+
+
+@contextlib.contextmanager
+def attention_transfer_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Distill mode for the ``with`` block (include the backward pass when gradient
+    checkpointing is on: the recomputed forward must take the same path)."""
+    mods = _lawcat_modules(model)
+    before = set_attention_transfer(model, enabled)
     try:
         yield model
     finally:
@@ -77,11 +84,18 @@ def attention_transfer_loss(model: nn.Module, batch: dict[str, Any], loss_scale:
 
     Returns:
         ``(loss, {layer_idx: mse})``; the per-layer MSEs are unscaled and carry gradients.
+
+    The model is left in distill mode: with gradient checkpointing the backward pass re-runs
+    the forward, which must take the same path. Leave it with ``set_attention_transfer(model,
+    False)`` (``prepare_lora_finetune`` does).
     """
     inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
-    with attention_transfer_mode(model):
-        model(**inputs, use_cache=False, logits_to_keep=1)  # skip the full vocabulary projection
-        per_layer = {m.layer_idx: m.lawcat_distill_loss for m in _lawcat_modules(model)}
+    mods = _lawcat_modules(model)
+    set_attention_transfer(model, True)
+    for m in mods:
+        m.lawcat_distill_loss = None
+    model(**inputs, use_cache=False, logits_to_keep=1)  # skip the full vocabulary projection
+    per_layer = {m.layer_idx: m.lawcat_distill_loss for m in mods}
     if any(v is None for v in per_layer.values()):
         raise RuntimeError("a LAWCAT layer produced no distillation loss (was it skipped in forward?)")
     loss = loss_scale * torch.stack(list(per_layer.values())).mean()
@@ -99,10 +113,11 @@ class AttentionTransferStep:
 def attention_transfer_step(model: nn.Module, batch: dict[str, Any],
                             optimizer: torch.optim.Optimizer, loss_scale: float = 1000.0,
                             max_grad_norm: float | None = 1.0) -> AttentionTransferStep:
-    """Forward in distill mode, backward, clip, optimiser step, zero grads."""
+    """Forward in distill mode, backward, clip, optimiser step, zero grads (mode restored after)."""
     model.train()
-    loss, per_layer = attention_transfer_loss(model, batch, loss_scale)
-    loss.backward()
+    with attention_transfer_mode(model):
+        loss, per_layer = attention_transfer_loss(model, batch, loss_scale)
+        loss.backward()
     if max_grad_norm is not None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -128,6 +143,14 @@ class AttentionTransferTrainer(Trainer):
         prepare_attention_transfer(self.model)
         self._layer_sums: dict[int, float] = {}
         self._layer_count = 0
+
+    def train(self, *args, **kwargs):
+        with attention_transfer_mode(self.model):
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with attention_transfer_mode(self.model):
+            return super().evaluate(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, per_layer = attention_transfer_loss(model, inputs, self.loss_scale)

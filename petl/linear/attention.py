@@ -113,11 +113,12 @@ class LawcatAttention(nn.Module):
         self.lawcat_distill = False
         self.lawcat_distill_loss: torch.Tensor | None = None
         ref = self.q_proj.weight
+        dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32  # quantized base
         for name, module in self.named_children():
             if name.startswith("lawcat_"):
-                module.to(device=ref.device, dtype=ref.dtype)
+                module.to(device=ref.device, dtype=dtype)
         if self.lawcat_window_factor is not None:
-            self.lawcat_window_factor.data = self.lawcat_window_factor.data.to(ref.device, ref.dtype)
+            self.lawcat_window_factor.data = self.lawcat_window_factor.data.to(ref.device, dtype)
 
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,

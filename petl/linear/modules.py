@@ -112,7 +112,7 @@ class GlaGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``[B, T, hidden]``. Returns the log gate ``[B, T, H_kv, 2f]`` in float32 (float64 for a float64 model)."""
-        logits = self.up(self.down(x))
+        logits = self.up(self.down(x.to(self.down.weight.dtype)))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         g = F.logsigmoid(logits) / self.normalizer
         return g.view(*x.shape[:-1], self.num_kv_heads, self.feature_size)

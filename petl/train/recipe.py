@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from petl.audio.section import AudioSection
+from petl.distill.section import DistillSection
 from petl.tasks.section import TaskSection
 from petl.train.schema_types import RecipeError
 
@@ -134,6 +135,7 @@ class DataSection:
     block_size: tokens per training example; null uses ``model.context_length`` (or the native context).
     template, truncate: SFT prompt template and which end of a too-long example is cut
         (see docs/data.md).
+    instruction_field, input_field, output_field: SFT record columns (MetaMathQA: query, -, response).
     txt_sample_by: for ``.txt`` sources, one example per file, paragraph or line.
     config_name: configuration name of a hub data set.
     data_files: files of a hub data set to read with a packaged builder (``source: json`` with
@@ -150,6 +152,9 @@ class DataSection:
     max_samples: Optional[int] = None
     restart_positions: bool = True
     template: Literal["longalpaca", "alpaca", "raw", "chat"] = "longalpaca"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
     truncate: Literal["left", "right", "error"] = "left"
     txt_sample_by: Literal["document", "paragraph", "line"] = "document"
     config_name: Optional[str] = None
@@ -240,6 +245,7 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
     audio: AudioSection = field(default_factory=AudioSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def __post_init__(self) -> None:
         if self.model.quantization == "4bit" and self.adapter.type == "soka":

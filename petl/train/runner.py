@@ -106,8 +106,14 @@ def build_model(recipe: Recipe, precision: str):
     return model, tokenizer, info
 
 
-def apply_adapter_section(model, recipe: Recipe):
-    """Wrap the model with the recipe's peft adapter (or freeze all but ``trainable_modules``)."""
+GRAD_INIT_BATCHES = 4  # batches SoKA's "grad" init averages the loss gradient over
+
+
+def apply_adapter_section(model, recipe: Recipe, dataset=None, tokenizer=None):
+    """Wrap the model with the recipe's peft adapter (or freeze all but ``trainable_modules``).
+
+    ``dataset`` and ``tokenizer`` are needed only by inits that look at data (SoKA ``grad``).
+    """
     from peft import get_peft_model
 
     section = recipe.adapter
@@ -126,12 +132,28 @@ def apply_adapter_section(model, recipe: Recipe):
                              tie_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
                              options=section.options)
     elif section.type == "soka":
-        from petl.adapters.soka import SokaConfig
+        from petl.adapters.soka import SokaConfig, accumulate_gradients
 
-        config = SokaConfig(r=section.r, alpha=section.alpha, target_modules=section.target_modules,
-                            modules_to_save=section.trainable_modules or None, **section.options)
-    else:  # pragma: no cover - schema restricts the values
-        raise RecipeError(f"adapter.type {section.type!r} is not supported")
+        try:
+            config = SokaConfig(r=section.r, target_modules=section.target_modules,
+                                modules_to_save=section.trainable_modules or None, **section.options)
+        except TypeError as exc:
+            raise RecipeError(f"adapter.options for soka: {exc}; see petl.adapters.soka.SokaConfig "
+                              "for the allowed names") from None
+        if config.init_weights == "grad":
+            if dataset is None:
+                raise RecipeError("adapter.options.init_weights 'grad' needs training data to take gradients on")
+            from petl.data import DataCollatorForCausalLM
+
+            collate = DataCollatorForCausalLM(tokenizer)
+            size = recipe.train.batch_size
+            batches = [collate([dataset[j] for j in range(i, min(i + size, len(dataset)))])
+                       for i in range(0, min(len(dataset), GRAD_INIT_BATCHES * size), size)]
+            device = next(model.parameters()).device
+            accumulate_gradients(model, [{k: v.to(device) for k, v in b.items()} for b in batches], config)
+    else:
+        raise RecipeError(f"adapter.type {section.type!r} is for task.type audio_classification recipes; "
+                          "use lora or soka for causal LM training")
     if recipe.model.quantization == "4bit":
         from peft import prepare_model_for_kbit_training
 
@@ -155,7 +177,9 @@ def build_train_dataset(recipe: Recipe, tokenizer, block_size: int):
                             txt_sample_by=recipe.data.txt_sample_by)
     if recipe.data.format == "sft":
         return build_sft_dataset(raw, tokenizer, max_length=block_size, template=recipe.data.template,
-                                 truncate=recipe.data.truncate, num_proc=recipe.data.num_proc)
+                                 truncate=recipe.data.truncate, num_proc=recipe.data.num_proc,
+                                 instruction_field=recipe.data.instruction_field,
+                                 input_field=recipe.data.input_field, output_field=recipe.data.output_field)
     return pack_for_causal_lm(raw, tokenizer, block_size=block_size, text_field=recipe.data.text_field,
                               restart_positions=recipe.data.restart_positions, num_proc=recipe.data.num_proc)
 
@@ -265,7 +289,7 @@ def run_causal_lm_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, A
             metrics["before"] = evaluate(model, tokenizer, recipe, "before training")
             before_file.write_text(json.dumps(metrics["before"], indent=2))
 
-    model = apply_adapter_section(model, recipe)
+    model = apply_adapter_section(model, recipe, dataset, tokenizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     metrics["trainable_parameters"], metrics["total_parameters"] = trainable, total

@@ -118,8 +118,8 @@ class SokaConfig(PeftConfig):
             raise ValueError(f"param_budget must be >= 0 or None, got {self.param_budget}")
         if self.factor != -1 and self.factor < 1:
             raise ValueError(f"factor must be -1 (balanced) or a positive divisor, got {self.factor}")
-        if self.scale == 0:
-            raise ValueError("scale must be non-zero (the init divides by it)")
+        if not self.scale > 0:
+            raise ValueError(f"scale must be positive (the init puts sqrt(sigma / scale) in each factor), got {self.scale}")
         for key, shape in self.shape_pattern.items():
             if len(shape) != 4 or any(int(v) < 1 for v in shape):
                 raise ValueError(f"shape_pattern[{key!r}]={shape!r} must be four positive ints [m1, n1, m2, n2]")

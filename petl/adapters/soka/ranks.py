@@ -70,6 +70,7 @@ def select_rank(sigma: torch.Tensor, total_energy: float, rule: str, threshold: 
         rule (str): ``"energy_elbow"``, ``"energy"`` or ``"elbow"``.
         cap (int): the module's Kronecker rank (no more terms exist).
     """
+    sigma = sigma.detach().double().cpu()  # a few dozen values; keeps the rules off the GPU
     detail: dict = {}
     candidates = []
     if rule in ("energy", "energy_elbow"):

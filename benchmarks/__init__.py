@@ -1,0 +1,1 @@
+"""petl benchmarks: `python -m benchmarks.<name>` writes benchmarks/results/<name>.json."""
