@@ -178,3 +178,41 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     click.echo(f"wrote {path}")
+
+
+@eval_group.command("task")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default=None,
+              help="Split to score instead of the recipe's task.eval_split (e.g. test, train[80%:]).")
+@click.option("--source", default=None,
+              help="File, folder or hub id to score instead of the recipe's evaluation data.")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None,
+              help="Score only the first N records.")
+@click.option("--device", default=None, help="torch device (default: CUDA if available).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+              help="Write the metrics (and the settings) to this JSON file.")
+@click.option("--predictions", type=click.Path(dir_okay=False), default=None,
+              help="Write one JSON line per record (without text when the recipe sets task.phi).")
+@one_line_errors
+def task_cmd(run_dir: str, split: str | None, source: str | None, max_samples: int | None,
+             device: str | None, json_out: str | None, predictions: str | None) -> None:
+    """Score a legal / clinical task run (RUN_DIR of `petl finetune`) with its benchmark's metrics.
+
+    LexGLUE micro/macro-F1, accuracy, ROUGE-1/2/L/Lsum or SQuAD exact match / F1, as the
+    recipe's data set defines them (see docs/tasks.md).
+    """
+    from petl.tasks.runner import evaluate_run, write_predictions
+
+    recipe, metrics, rows = evaluate_run(run_dir, split=split, source=source,
+                                         max_samples=max_samples, device=device)
+    where = recipe.task.eval_source or f"{recipe.task.dataset or recipe.data.source} " \
+                                       f"[{recipe.task.eval_split}]"
+    click.echo(f"{recipe.name}: {recipe.task.type} on {where}, {len(rows)} records")
+    click.echo(_table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()]))
+    if predictions:
+        write_predictions(Path(predictions), rows)
+        click.echo(f"wrote {predictions}")
+    _write_json(json_out, {"command": "task", "run": run_dir, "recipe": recipe.name,
+                           "task": recipe.task.type, "split": recipe.task.eval_split,
+                           "source": recipe.task.eval_source, "records": len(rows),
+                           "metrics": metrics})

@@ -1,4 +1,4 @@
-"""petl's embedded base model: a small Llama trained from scratch on Shakespeare, shipped in the package.
+"""petl's embedded base model: a small Llama trained from scratch on Shakespeare, shipped as data.
 
 The quickstart and the tests need a real, trained causal LM that loads without a network. This
 module only says where its files are; the model itself is an ordinary transformers checkpoint

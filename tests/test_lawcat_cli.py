@@ -64,14 +64,25 @@ def test_lawcat_recipes_validate_and_state_their_command():
     assert paper.distill.lawcat_config().conv_size == 4 and paper.distill.window_size == 0
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, text_file, tmp_path_factory):
+    """The shortened shakespeare recipe run once without interruption (reference for resumes)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    distill("lawcat/shakespeare", *shrink(tiny_model_dir, text_file, out))
+    return out
+
+
 @pytest.mark.parametrize("recipe_name", LAWCAT_RECIPES)
-def test_every_lawcat_recipe_runs_shortened_and_reloads(recipe_name, tiny_model_dir, text_file, tmp_path):
+def test_every_lawcat_recipe_runs_shortened_and_reloads(recipe_name, request, tiny_model_dir, text_file, tmp_path):
     from peft import PeftModel
 
     from petl.linear import LawcatAttention, load_lawcat
 
-    out = tmp_path / "run"
-    distill(recipe_name, *shrink(tiny_model_dir, text_file, out))
+    if recipe_name == "lawcat/shakespeare":
+        out = request.getfixturevalue("uninterrupted")
+    else:
+        out = tmp_path / "run"
+        distill(recipe_name, *shrink(tiny_model_dir, text_file, out))
     for folder in (layout.LAWCAT_DIR, layout.ADAPTER_DIR, layout.MERGED_DIR):
         assert layout.is_complete(out / folder), folder
     records = [json.loads(line) for line in (out / layout.STEP_LOG).read_text().splitlines()]
@@ -110,13 +121,6 @@ class Interrupt(TrainerCallback):
             raise self.Killed(f"killed at stage {self.stage} step {self.at}")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, text_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    distill("lawcat/shakespeare", *shrink(tiny_model_dir, text_file, out, **{"eval.perplexity_lengths": "[]"}))
-    return out
-
-
 def test_stage1_then_resume_into_stage2_matches_uninterrupted(uninterrupted, tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "run"
     args = shrink(tiny_model_dir, text_file, out, **{"eval.perplexity_lengths": "[]"})
@@ -130,28 +134,32 @@ def test_stage1_then_resume_into_stage2_matches_uninterrupted(uninterrupted, tin
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_killed_mid_stage_resumes_from_its_checkpoint(stage, uninterrupted, tiny_model_dir, text_file, tmp_path):
+def test_killed_in_each_stage_resumes_from_its_checkpoint(uninterrupted, tiny_model_dir, text_file, tmp_path):
     from petl.distill.checkpoint import LAWCAT_WEIGHTS
     from petl.distill.runner import run_distill
 
     out = tmp_path / "run"
-    args = shrink(tiny_model_dir, text_file, out, **{"eval.perplexity_lengths": "[]"})
-    with pytest.raises(Interrupt.Killed):
-        run_distill(load_recipe("lawcat/shakespeare", args), callbacks=[Interrupt(stage, 3)])
-    checkpoints = out / f"stage{stage}" / "checkpoints"
-    assert (checkpoints / "checkpoint-2").is_dir() and not (checkpoints / "checkpoint-3").exists()
-    if stage == 1:  # stage-1 checkpoints hold the LAWCAT weights, not a copy of the frozen teacher
-        files = {p.name for p in (checkpoints / "checkpoint-2").iterdir()}
-        assert LAWCAT_WEIGHTS in files and "model.safetensors" not in files
+    args = shrink(tiny_model_dir, text_file, out)
+    recipe = load_recipe("lawcat/shakespeare", args)
+    with pytest.raises(Interrupt.Killed):  # killed after step 3 of stage 1 (checkpoint at 2)
+        run_distill(recipe, callbacks=[Interrupt(1, 3)])
+    stage1 = out / "stage1" / "checkpoints"
+    assert (stage1 / "checkpoint-2").is_dir() and not (stage1 / "checkpoint-3").exists()
+    files = {p.name for p in (stage1 / "checkpoint-2").iterdir()}
+    assert LAWCAT_WEIGHTS in files and "model.safetensors" not in files  # not a copy of the teacher
     again = CliRunner().invoke(main, ["distill", "lawcat/shakespeare", *args])
     assert again.exit_code == 2 and "already holds a run" in again.output
+    with pytest.raises(Interrupt.Killed):  # resumed, then killed after step 3 of stage 2
+        run_distill(recipe, resume=True, callbacks=[Interrupt(2, 3)])
+    assert layout.is_complete(out / layout.LAWCAT_DIR) and not (out / layout.ADAPTER_DIR).exists()
+    assert (out / "stage2" / "checkpoints" / "checkpoint-2").is_dir()
     result = distill("lawcat/shakespeare", *args, "--resume")
-    assert f"stage {stage}: resuming from" in result.output
+    assert "stage 1 already done" in result.output and "stage 2: resuming from" in result.output
     assert loss_records(out) == loss_records(uninterrupted)
     want, got = merged_state(uninterrupted), merged_state(out)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert json.loads((out / layout.METRICS).read_text())["after"]["perplexity"]
 
 
 @pytest.mark.parametrize("override, message", [

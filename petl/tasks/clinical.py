@@ -122,6 +122,10 @@ def load_mimic_icd(source: str, split: str, *, options: dict[str, Any], max_samp
         docs[key].append(row[text_col] or "")
         if "labels" in names:
             codes[key] = [str(c) for c in row["labels"]]
+    if not docs:
+        raise TaskDataError(f"no note of {source!r} has a category in task.options.categories "
+                            f"{list(options['categories'])}; MIMIC-III calls discharge notes 'Discharge summary', "
+                            "MIMIC-IV 'DS'")
     if "labels" not in names:
         codes = _read_diagnoses(options["diagnoses"], set(docs))
     label_set = list(options["codes"] or _top_codes(codes, docs, options["top_codes"]))

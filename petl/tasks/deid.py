@@ -17,8 +17,9 @@ age            ages over 89: ``92 year old``, ``92-year-old``, ``95 yo``, ``aged
 name           every name of a supplied list, whole words, case-insensitive                ``[NAME]``
 =============  ==========================================================================  ===========
 
-Listed names are replaced first, then the rules run in the order of the table, so a phone number
-is not mistaken for a date and a record number is not read as a phone number. This is a safety net, not a certified de-identification: free
+E-mail addresses are replaced first (a listed surname inside an address must not break it), then
+listed names, then the other rules in the order of the table, so a phone number is not mistaken
+for a date and a record number is not read as a phone number. This is a safety net, not a certified de-identification: free
 text can hold identifiers no rule anticipates (unlisted names, addresses), which is why ``phi: true``
 also keeps raw text out of every log (see :mod:`petl.tasks.phi`).
 """
@@ -95,9 +96,12 @@ class Deidentifier:
                                         re.IGNORECASE)
 
     def deidentify(self, text: str) -> str:
+        rules = list(self.categories)
+        for category in rules[:1] if rules[:1] == ["email"] else []:
+            text = RULES[category][0].sub(RULES[category][1], text)
         if self._names_re is not None:
             text = self._names_re.sub("[NAME]", text)
-        for category in self.categories:
+        for category in rules[1:] if rules[:1] == ["email"] else rules:
             pattern, placeholder = RULES[category]
             text = pattern.sub(placeholder, text)
         return text

@@ -64,8 +64,14 @@ def build_generative_train(records: datasets.Dataset, tokenizer: Any, *, max_len
 
     fitted = records.map(fit, desc="Fitting documents into the context")
     # a summary longer than the context keeps its start (truncate="right")
-    return build_sft_dataset(fitted.select_columns(["instruction", "input", "output"]), tokenizer,
+    data = build_sft_dataset(fitted.select_columns(["instruction", "input", "output"]), tokenizer,
                              max_length=max_length, template=template, truncate="right", progress=False)
+    if len(data) == 0:
+        from petl.tasks.registry import TaskDataError
+
+        raise TaskDataError(f"no training example keeps an answer token within task.max_length={max_length} "
+                            "(the prompt template and instruction alone fill it); raise task.max_length")
+    return data
 
 
 def match_choice(generation: str, choices: list[str]) -> int:

@@ -75,35 +75,35 @@ def prepare_output_dir(recipe: Recipe, resume: bool) -> Path:
     return out
 
 
-def build_model(recipe: Recipe, precision: str):
-    """Load the base model and tokenizer, scale RoPE and set the attention pattern."""
-    from petl.attention.rope import native_context_length
+def load_base_model(recipe: Recipe, precision: str):
+    """Load the base model and tokenizer as published (no RoPE scaling, full attention)."""
     from petl.models import load_model
 
-    from transformers import AutoConfig
+    return load_model(recipe.model.name, dtype=_model_dtype(recipe, precision),
+                      trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision,
+                      attn_implementation=recipe.model.attn_implementation,
+                      quantization=recipe.model.quantization)
 
-    from petl.models import resolve_model_path
 
-    config = AutoConfig.from_pretrained(resolve_model_path(recipe.model.name), revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
-    native = native_context_length(config)
+def prepare_for_training(model, recipe: Recipe) -> dict[str, Any]:
+    """Scale RoPE to the target context and set the training attention pattern; returns model info.
+
+    Done after the "before" evaluation, so that it measures the base model as published.
+    """
+    from petl.attention.rope import extend_context, native_context_length
+
+    native = native_context_length(model.config)
     target = recipe.model.context_length
-    rope = None
-    if target and target > native and recipe.model.rope_scaling != "none":
-        rope = {"target_length": target, "method": recipe.model.rope_scaling}
-    model, tokenizer = load_model(recipe.model.name, dtype=_model_dtype(recipe, precision),
-                                  trust_remote_code=recipe.model.trust_remote_code, rope_scaling=rope,
-                                  revision=recipe.model.revision,
-                                  attn_implementation=recipe.model.attn_implementation,
-                                  quantization=recipe.model.quantization)
+    scaled = bool(target and target > native and recipe.model.rope_scaling != "none")
+    if scaled:
+        extend_context(model, target, recipe.model.rope_scaling)
     if recipe.attention.pattern != "full":
         from petl.attention import use_attention
 
         use_attention(model, recipe.attention.pattern, **recipe.attention.params())
-    info = {"base_model": recipe.model.name, "native_context": native, "context_length": target or native,
-            "rope_parameters": dict(model.config.rope_parameters or {}) if rope else None,
+    return {"base_model": recipe.model.name, "native_context": native, "context_length": target or native,
+            "rope_parameters": dict(model.config.rope_parameters or {}) if scaled else None,
             "max_position_embeddings": model.config.max_position_embeddings}
-    return model, tokenizer, info
 
 
 GRAD_INIT_BATCHES = 4  # batches SoKA's "grad" init averages the loss gradient over
@@ -274,20 +274,20 @@ def run_causal_lm_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, A
         _echo(f"[petl] no complete checkpoint under {out / CHECKPOINT_DIR}; starting from step 0")
     set_seed(recipe.train.seed)
     _echo(f"[petl] loading {recipe.model.name} ({_model_dtype(recipe, precision)}, training precision {precision})")
-    model, tokenizer, info = build_model(recipe, precision)
-    block_size = recipe.data.block_size or info["context_length"]
-    with state.main_process_first():
-        dataset = build_train_dataset(recipe, tokenizer, block_size)
-    _echo(f"[petl] {len(dataset)} training examples of {block_size} tokens")
-
-    metrics: dict[str, Any] = {"recipe": recipe.name, "model": info}
+    model, tokenizer = load_base_model(recipe, precision)
+    metrics: dict[str, Any] = {"recipe": recipe.name}
     before_file = out / "eval_before.json"
     if recipe.eval.before_training and state.is_main_process:
         if before_file.exists() and resume:
             metrics["before"] = json.loads(before_file.read_text())
         else:
-            metrics["before"] = evaluate(model, tokenizer, recipe, "before training")
+            metrics["before"] = evaluate(model, tokenizer, recipe, "base model, before training")
             before_file.write_text(json.dumps(metrics["before"], indent=2))
+    info = metrics["model"] = prepare_for_training(model, recipe)
+    block_size = recipe.data.block_size or info["context_length"]
+    with state.main_process_first():
+        dataset = build_train_dataset(recipe, tokenizer, block_size)
+    _echo(f"[petl] {len(dataset)} training examples of {block_size} tokens")
 
     model = apply_adapter_section(model, recipe, dataset, tokenizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
