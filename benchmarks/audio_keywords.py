@@ -5,7 +5,7 @@
 
 1. ``tools/make_keyword_audio.py`` synthesises the keyword set with espeak-ng (deterministic; not
    shipped, regenerated into ``--work``/data).
-2. A 4-layer AST (width 64, 128 mel x 100 frames) is trained from scratch on the 20 pretraining
+2. A 3-layer AST (width 64, 128 mel x 100 frames) is trained from scratch on the 20 pretraining
    words (full training, best validation epoch kept) and saved: the stand-in for AudioSet's AST.
 3. Every PETL-AST method adapts it to the 10 held-out words through the real recipe
    ``audio/keywords-conformer`` (the method swapped by overrides), with best-on-validation
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "audio_keywords.json"
 RECIPE = "audio/keywords-conformer"
 FRAMES = 100
-TINY_AST = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, max_length=FRAMES)
+TINY_AST = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, max_length=FRAMES)
 
 #: method -> (adapter.options, learning rate). The paper's learning rates; widths scaled to D=64
 #: (bottleneck / Conformer / ConvPass width 8 = RR 8, LoRA rank 4 = RR 16, 8 prompt / prefix tokens).
@@ -110,6 +110,7 @@ def train_full(model, data, epochs: int, lr: float, batch: int = 32, seed: int =
             sched.step()
             opt.zero_grad()
         val = accuracy(model, *data["validation"])
+        print(f"[keywords]   epoch {epoch + 1}/{epochs}: validation accuracy {val:.3f}", flush=True)
         if val > best[0]:
             best = (val, copy.deepcopy(model.state_dict()), epoch + 1)
     model.load_state_dict(best[1])
@@ -162,12 +163,13 @@ def adapt(work: Path, method: str, epochs: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "keywords", help="data, models and runs")
-    parser.add_argument("--pretrain-epochs", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=30, help="adaptation epochs per method")
+    parser.add_argument("--pretrain-epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=15, help="adaptation epochs per method")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing a shared CPU)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     manifest = make_data(args.work)
     pre = pretrain(args.work, args.pretrain_epochs)
     print(f"[keywords] pretrained AST: test accuracy {pre['test_accuracy']:.3f} on the 20 pretraining words", flush=True)

@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--passkey-tests", type=int, default=20)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--summarize", default=None,
+                        help="only summarise the finished runs in this folder (full/, s2/, sf/ with metrics.json)")
     args = parser.parse_args()
 
     import transformers
@@ -41,8 +43,11 @@ def main() -> None:
     import petl
 
     rows = {}
-    work = Path(tempfile.mkdtemp(prefix="petl_ctx_"))
+    work = Path(args.summarize or tempfile.mkdtemp(prefix="petl_ctx_"))
     for pattern in ("full", "s2", "sf"):
+        if args.summarize:
+            rows[pattern] = json.loads((work / pattern / "metrics.json").read_text())
+            continue
         recipe = petl.load_recipe("quickstart", [
             f"attention.pattern={pattern}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
             f"train.lr={args.lr}", "train.save_steps=0", "train.precision=auto", f"eval.max_windows={args.max_windows}",
@@ -54,10 +59,10 @@ def main() -> None:
 
     base = rows["full"]["before"]
     ppl = {"base": {k: v["ppl"] for k, v in base["perplexity"].items()}}
-    key = {"base": base["passkey"]["accuracy_by_length"]}
+    key = {"base": base["passkey"]["accuracy"]}
     for pattern, metrics in rows.items():
         ppl[pattern] = {k: v["ppl"] for k, v in metrics["after"]["perplexity"].items()}
-        key[pattern] = metrics["after"]["passkey"]["accuracy_by_length"]
+        key[pattern] = metrics["after"]["passkey"]["accuracy"]
     target = "1024"
     gain_full = ppl["base"][target] - ppl["full"][target]
     recovered = {p: (ppl["base"][target] - ppl[p][target]) / gain_full for p in ("s2", "sf")}

@@ -74,10 +74,11 @@ def train_softmax_control(recipe, work: Path) -> tuple[str, dict]:
 
     from petl.data import DataCollatorForCausalLM
     from petl.distill.runner import _stage_args, build_distill_dataset
-    from petl.train.runner import build_model
+    from petl.train.runner import load_base_model, prepare_for_training
 
     s = recipe.distill.stage2
-    model, tokenizer, info = build_model(recipe, "fp32")
+    model, tokenizer = load_base_model(recipe, "fp32")
+    info = prepare_for_training(model, recipe)
     dataset = build_distill_dataset(recipe, tokenizer, recipe.data.block_size or info["context_length"])
     set_seed(recipe.train.seed)
     model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,

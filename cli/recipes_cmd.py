@@ -54,4 +54,7 @@ def copy_command(name: str, path: Path, force: bool) -> None:
         raise FileNotFoundError(f"{target} already exists; pass --force to overwrite it") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
-    click.echo(f"copied {name} to {target}; run it with: petl finetune {target}")
+    from petl.train.recipe_io import recipe_header_command
+
+    verb = (recipe_header_command(source) or "petl finetune").split()[1]
+    click.echo(f"copied {name} to {target}; run it with: petl {verb} {target}")

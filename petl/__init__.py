@@ -30,6 +30,8 @@ _LAZY = {
     "save_lawcat": "petl.linear",
     "load_lawcat": "petl.linear",
     "LawcatCache": "petl.linear",
+    "run_distill": "petl.distill.runner",
+    "load_distilled": "petl.distill.outputs",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

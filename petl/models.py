@@ -99,7 +99,12 @@ def load_model(name_or_path: str, *, adapter: Optional[str] = None, dtype: str |
         kwargs["quantization_config"] = _four_bit_config(torch_dtype, device)
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if (Path(path) / "lawcat_config.json").is_file():  # a LAWCAT-linearised model (petl distill)
+            from petl.linear import load_lawcat
+
+            model = load_lawcat(path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model weights from {name_or_path!r} ({_first_line(exc)}); "
                              "petl reads weights only from safetensors files") from None

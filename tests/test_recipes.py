@@ -17,7 +17,8 @@ def test_every_shipped_recipe_validates_and_states_its_command():
     for name, path in recipes.items():
         recipe = load_recipe(name)
         assert recipe.name, name
-        assert recipe_header_command(path) == f"petl finetune {name}", f"{name}: first lines must say `# Run: ...`"
+        verb = "distill" if name.startswith("lawcat/") else "finetune"
+        assert recipe_header_command(path) == f"petl {verb} {name}", f"{name}: first lines must say `# Run: ...`"
 
 
 @pytest.mark.parametrize("override, message", [

@@ -87,3 +87,19 @@ def test_qlora_without_bitsandbytes_says_how_to_install(tiny_model_dir):
         pytest.skip("bitsandbytes is installed here")
     with pytest.raises(ModelLoadError, match="needs bitsandbytes"):
         load_model(str(tiny_model_dir), quantization="4bit", device="cpu")
+
+
+def test_load_model_rebuilds_a_saved_lawcat_model(tmp_path):
+    from petl.linear import LawcatConfig, convert_to_lawcat, save_lawcat
+    from petl.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    convert_to_lawcat(model, LawcatConfig())
+    save_lawcat(model, str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    loaded, _ = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert any(type(m).__name__ == "LawcatAttention" for m in loaded.modules())
+    ids = torch.randint(3, 300, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

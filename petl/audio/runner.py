@@ -65,11 +65,36 @@ def run_audio_recipe(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     if recipe.task.options:
         raise RecipeError(f"task.options {sorted(recipe.task.options)} are not used by audio_classification; "
                           "its settings live in the audio section")
+    from accelerate import PartialState
+
+    from petl.train.runner import _precision, training_arguments
+
     section = recipe.audio
     audio_adapter_config(recipe)  # validate before any data or model is loaded
     corpus = load_corpus(section.dataset, section.source, section.hub_config, recipe.model.trust_remote_code)
     runs = plan_splits(corpus, section.protocol, section.val_folds, section.folds or None)
     out = Path(recipe.output_dir)
+    training_arguments(recipe, out, _precision(recipe))  # sets up the process group (torchrun / accelerate)
+    state = PartialState()
+    if state.is_main_process:
+        _prepare(recipe, out, resume)
+        prepare_output_dir(recipe, resume)
+        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    state.wait_for_everyone()
+    _echo(f"[petl] {corpus.name}: {len(corpus.examples)} clips, {len(corpus.label_names)} classes, "
+          f"{len(runs)} run(s) ({section.protocol})")
+    results = [run_fold(recipe, out / run.name if run.name else out, run, corpus.label_names, resume)
+               for run in runs]
+    metrics = {"recipe": recipe.name, "dataset": corpus.name, "protocol": section.protocol,
+               "num_classes": len(corpus.label_names), "runs": results, **summarise(results)}
+    if state.is_main_process:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        _echo(format_summary(metrics, out))
+    return metrics
+
+
+def _prepare(recipe: Recipe, out: Path, resume: bool) -> None:
+    """Refuse (or clear, with output.overwrite) fold folders of an earlier rotation run."""
     stale = sorted(out.glob("fold-*")) if out.is_dir() else []
     if stale and not resume:
         if not recipe.output.overwrite:
@@ -77,17 +102,6 @@ def run_audio_recipe(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
                               "set output.overwrite=true to replace it, or choose output.dir=...")
         for path in stale:
             shutil.rmtree(path)
-    prepare_output_dir(recipe, resume)
-    (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    _echo(f"[petl] {corpus.name}: {len(corpus.examples)} clips, {len(corpus.label_names)} classes, "
-          f"{len(runs)} run(s) ({section.protocol})")
-    results = [run_fold(recipe, out / run.name if run.name else out, run, corpus.label_names, resume)
-               for run in runs]
-    metrics = {"recipe": recipe.name, "dataset": corpus.name, "protocol": section.protocol,
-               "num_classes": len(corpus.label_names), "runs": results, **summarise(results)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    _echo(format_summary(metrics, out))
-    return metrics
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,16 +118,19 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _datasets(recipe: Recipe, run: FoldSplit, featurizer):
+    """Train (few-shot / subsampled, SpecAugment), validation (None when absent) and test datasets."""
     from petl.audio.augment import SpecAugment
     from petl.audio.clips import ClipDataset
 
     s, seed = recipe.audio, recipe.train.seed
     train = per_class(run.train, s.train_per_class) if s.train_per_class else run.train
-    train = subsample(train, s.max_train_samples, seed)
     augment = SpecAugment(s.freq_mask, s.time_mask, s.num_freq_masks, s.num_time_masks)
-    make = lambda items, aug=None: ClipDataset(subsample(items, s.max_eval_samples, seed) if aug is None else items,  # noqa: E731
-                                               featurizer, aug, cache=s.cache_features)
-    return make(train, augment), (make(run.validation) if run.validation else None), make(run.test)
+    train_set = ClipDataset(subsample(train, s.max_train_samples, seed), featurizer, augment, s.cache_features)
+
+    def held_out(items):
+        return ClipDataset(subsample(items, s.max_eval_samples, seed), featurizer, None, s.cache_features)
+
+    return train_set, (held_out(run.validation) if run.validation else None), held_out(run.test)
 
 
 def _arguments(recipe: Recipe, folder: Path, steps_per_epoch: int, has_validation: bool):
@@ -142,7 +159,7 @@ def run_fold(recipe: Recipe, folder: Path, run: FoldSplit, label_names: list[str
     from transformers import set_seed
 
     import petl.adapters.audio  # noqa: F401 - registers the peft method (needed to resume)
-    from petl.audio.backbone import load_ast_classifier
+    from petl.audio.backbone import load_ast_classifier, resize_position_embeddings
     from petl.audio.clips import collate_clips
     from petl.audio.features import AstFeaturizer
     from petl.train.callbacks import JsonlStepLogger, plot_loss_curve
@@ -164,8 +181,6 @@ def run_fold(recipe: Recipe, folder: Path, run: FoldSplit, label_names: list[str
                                 recipe.model.trust_remote_code)
     frames = s.frames_for(model.config.max_length)
     if frames != model.config.max_length or s.pos_embed == "zero":
-        from petl.audio.backbone import resize_position_embeddings
-
         resize_position_embeddings(model, frames, s.pos_embed)
     featurizer = AstFeaturizer(model.config.num_mel_bins, frames, s.norm_mean, s.norm_std, s.sample_rate)
     train, validation, test = _datasets(recipe, run, featurizer)
@@ -188,18 +203,22 @@ def run_fold(recipe: Recipe, folder: Path, run: FoldSplit, label_names: list[str
         trainer.evaluate()  # the final adapter competes too
     chosen_step: Optional[int] = trainer.state.global_step
     if s.selection == "best_val" and best.best_step is not None:
+        trainer.accelerator.wait_for_everyone()  # the main process has written best/
         restore_adapter(model, best.folder)
         chosen_step = best.best_step
     test_metrics = trainer.evaluate(test, metric_key_prefix="test")
-    model.save_pretrained(str(folder / ADAPTER_DIR))
-    plot_loss_curve(folder / STEP_LOG, folder / "loss_curve.png", title=f"{recipe.name} {run.name or ''}".strip())
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        model.save_pretrained(str(folder / ADAPTER_DIR))
+        plot_loss_curve(folder / STEP_LOG, folder / "loss_curve.png", title=f"{recipe.name} {run.name or ''}".strip())
     result = {"run": run.name, "selected_step": chosen_step, "selection": s.selection,
               "validation_accuracy": best.best_value if s.selection == "best_val" else best.last_value,
               "test_accuracy": test_metrics["test_accuracy"], "test_loss": test_metrics["test_loss"],
               "trainable_parameters": trainable, "total_parameters": total, "max_frames": frames,
               "train_clips": len(train), "validation_clips": len(validation or []), "test_clips": len(test),
               "validation_history": best.history}
-    done.write_text(json.dumps(result, indent=2))
+    if main_process:
+        done.write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -45,16 +45,18 @@ class BestAdapterCallback(TrainerCallback):
             shutil.rmtree(self.folder)
 
     def on_evaluate(self, args, state, control, metrics: dict[str, Any] | None = None, model=None, **kwargs):
-        if not metrics or self.key not in metrics or not state.is_world_process_zero:
+        if not metrics or self.key not in metrics:
             return
+        # Every process tracks the (gathered, identical) scores so all of them restore the same
+        # adapter later; only the main process writes.
         value, step = float(metrics[self.key]), state.global_step
         self.last_value, self.last_step = value, step
         self.history.append((step, value))
-        if self.best_value is None or value > self.best_value:
+        improved = self.best_value is None or value > self.best_value
+        if improved:
             self.best_value, self.best_step = value, step
-            self._save(model)
-        else:
-            self._write_info()
+        if state.is_world_process_zero:
+            self._save(model) if improved else self._write_info()
 
     def _save(self, model) -> None:
         staging = self.folder.with_name(self.folder.name + ".staging")

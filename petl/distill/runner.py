@@ -1,7 +1,7 @@
 """``run_distill``: the data flow of ``petl distill RECIPE`` (LAWCAT, adapters.md §3.3).
 
-recipe -> teacher (hub id / local / embedded; dtype; optional RoPE scaling) -> teacher evaluation
--> convert the chosen layers to LAWCAT -> stage 1 attention transfer (per-layer output MSE against
+recipe -> teacher (hub id / local / embedded; dtype) -> teacher evaluation, as published -> RoPE
+scaling when ``model.context_length`` asks for it -> convert the chosen layers to LAWCAT -> stage 1 attention transfer (per-layer output MSE against
 the teacher's softmax attention, same forward pass; only LAWCAT parameters train) -> save the
 converted model -> stage 2 LoRA on q/k/v/o with next-token loss -> save adapter (and merged model)
 -> student evaluation -> metrics.json.
@@ -138,17 +138,18 @@ def _stage1(recipe: Recipe, out: Path, precision: str, resume: bool, callbacks: 
     from petl.distill.attention_transfer import prepare_attention_transfer
     from petl.distill.checkpoint import AttentionTransferCheckpointTrainer
     from petl.linear import convert_to_lawcat, save_lawcat
-    from petl.train.runner import build_model, evaluate
+    from petl.train.runner import evaluate, load_base_model, prepare_for_training
 
     from accelerate import PartialState
 
     state = PartialState()
     _echo(f"[petl] loading teacher {recipe.model.name}")
-    model, tokenizer, info = build_model(recipe, precision)
-    block_size = recipe.data.block_size or info["context_length"]
+    model, tokenizer = load_base_model(recipe, precision)
     before_file = out / layout.EVAL_BEFORE
     if recipe.eval.before_training and state.is_main_process and not (resume and before_file.is_file()):
         before_file.write_text(json.dumps(evaluate(model, tokenizer, recipe, "teacher"), indent=2, default=str))
+    info = prepare_for_training(model, recipe)  # RoPE scaling when model.context_length asks for it
+    block_size = recipe.data.block_size or info["context_length"]
     set_seed(recipe.train.seed)
     convert_to_lawcat(model, recipe.distill.lawcat_config())
     record: dict[str, Any] = {"model": info, "block_size": block_size,

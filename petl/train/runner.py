@@ -349,7 +349,7 @@ def format_summary(metrics: dict[str, Any], out: Path) -> str:
     key_after = after.get("passkey", {})
     if key_after:
         lines.append(f"  {'passkey':>8} {'acc before':>12} {'acc after':>12}")
-        for length, acc in key_after.get("accuracy_by_length", {}).items():
-            prev = before.get("passkey", {}).get("accuracy_by_length", {}).get(length, math.nan)
+        for length, acc in key_after.get("accuracy", {}).items():
+            prev = before.get("passkey", {}).get("accuracy", {}).get(length, math.nan)
             lines.append(f"  {length!s:>8} {prev:>12.2f} {acc:>12.2f}")
     return "\n".join(lines)
