@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--eval-file", default=str(heldout_text_path()))
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--max-steps", type=int, default=20)
+    parser.add_argument("--max-windows", type=int, default=8, help="evaluation windows per length")
     parser.add_argument("--output-dir", default="runs/own_trainer")
     args = parser.parse_args()
 
@@ -59,7 +60,7 @@ def main() -> None:
     model.save_pretrained(f"{args.output_dir}/adapter")
 
     tokens = load_eval_tokens(args.eval_file, tokenizer)
-    result = perplexity(model, tokens, lengths=[256, args.context], max_windows=8)
+    result = perplexity(model, tokens, lengths=[256, args.context], max_windows=args.max_windows)
     for length, row in result.items():
         print(f"held-out perplexity at {length} tokens: {row['ppl']:.2f}")
 

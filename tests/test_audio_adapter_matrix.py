@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .adapter_matrix import CHECKS, AdapterRow, _belongs_to, cast_inputs, perturb_adapter, rel_err, train_steps
+from .adapter_matrix import BF16_REL_TOL, CHECKS, AdapterRow, perturb_adapter, rel_err, train_steps
 
 NUM_LABELS = 5
 _NOT_WEIGHTS = "not a weight change (extra tokens or a non-linear block): merging is undefined"
@@ -80,6 +80,14 @@ def test_audio_adapter_matrix(row, check, tmp_path):
     CHECKS[check](row, tmp_path)
 
 
+def _belongs_to(name: str, adapter: str) -> bool:
+    return f".{adapter}." in name or name.endswith(f".{adapter}")
+
+
+def _cast(inputs: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if v.dtype.is_floating_point else v for k, v in inputs.items()}
+
+
 def _adapter_state(model) -> set[str]:
     return {k for k in model.state_dict() if _belongs_to(k, "default")}
 
@@ -103,14 +111,12 @@ def test_only_adapter_state_changes(row):
 @pytest.mark.parametrize("row", [r for r in ROWS if r.skip.get("dtype_bf16") == _MERGE_IN_BF16], ids=lambda r: r.name)
 def test_bf16_without_merge(row):
     """bfloat16 base: float32 adapter state, bf16 outputs within the matrix's bf16 bound, finite grads."""
-    from .adapter_matrix import BF16_REL_TOL
-
     ref = row.peft_model(torch.float32)
     perturb_adapter(ref)
     model = row.peft_model(torch.bfloat16)
     model.load_state_dict({k: v for k, v in ref.state_dict().items() if k in _adapter_state(ref)}, strict=False)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    inputs = cast_inputs(row.make_inputs(), torch.bfloat16)
+    inputs = _cast(row.make_inputs(), torch.bfloat16)
     out = row.run(model, inputs)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, row.run(ref)) < BF16_REL_TOL

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_own_trainer_example(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "own_trainer.py"), "--max-steps", "2",
-                             "--context", "512", "--output-dir", str(tmp_path / "run")],
+                             "--context", "512", "--max-windows", "2", "--output-dir", str(tmp_path / "run")],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out perplexity at 512 tokens" in result.stdout

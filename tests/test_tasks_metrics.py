@@ -72,3 +72,22 @@ def test_squad_exact_match_and_f1_hand_checked():
     assert scores["exact_match"] == 0.0 and scores["f1"] == pytest.approx(2 / 3)
     # no gold answer: only the empty prediction is right; best over several gold answers
     assert qa_metrics(["", "x", "dog"], [[], [], ["cat", "dog"]]) == pytest.approx({"exact_match": 2 / 3, "f1": 2 / 3})
+
+
+def test_f1_agrees_with_scikit_learn_on_random_labels():
+    sklearn = pytest.importorskip("sklearn.metrics")
+    from petl.tasks.metrics.classification import add_none_column
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n, k = rng.integers(1, 12), rng.integers(2, 6)
+        gold, pred = (rng.random((n, k)) < 0.3).astype(int), (rng.random((n, k)) < 0.3).astype(int)
+        for none in (False, True):
+            g, p = (add_none_column(gold), add_none_column(pred)) if none else (gold, pred)
+            ours = multilabel_f1(gold, pred, none_class=none)
+            for avg in ("micro", "macro"):
+                assert ours[f"{avg}_f1"] == pytest.approx(sklearn.f1_score(g, p, average=avg, zero_division=0))
+        gold, pred = rng.integers(0, 5, n), rng.integers(0, 5, n)
+        ours = multiclass_f1(gold, pred)
+        for avg in ("micro", "macro"):
+            assert ours[f"{avg}_f1"] == pytest.approx(sklearn.f1_score(gold, pred, average=avg, zero_division=0))

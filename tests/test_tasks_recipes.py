@@ -177,3 +177,46 @@ def test_eval_task_cli_rescoring_matches_the_run(task_env, tmp_path):
     assert payload["metrics"] == pytest.approx(after)
     result = run_cli(["eval", "task", str(out), "--split", "fold=1", "--max-samples", "3"])
     assert result.exit_code == 0 and "3 records" in result.output
+
+
+def test_task_run_resumes_from_its_last_complete_checkpoint(task_env, tmp_path):
+    from petl.train.checkpointing import last_complete_checkpoint
+
+    out = tmp_path / "run"
+    name = "legal/us-constitution-minilm-chunk"
+    first = shorten(name, task_env, out, **{"train.save_steps": 1})
+    assert run_cli(["finetune", name, *first]).exit_code == 0
+    assert last_complete_checkpoint(out / "checkpoints").name == "checkpoint-2"
+    again = shorten(name, task_env, out, **{"train.save_steps": 1, "train.max_steps": 3})
+    result = run_cli(["finetune", name, *again, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output and "checkpoint-2" in result.output
+    steps = [json.loads(line)["step"] for line in (out / "steps.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]
+
+
+def test_decoder_classification_with_context_extension(task_env, tmp_path):
+    """long_document: extend on a RoPE decoder: linear RoPE to 4x the native context, S2 attention."""
+    import yaml
+
+    recipe = {"name": "ext", "task": {"type": "sequence_classification", "dataset": "lexglue/scotus",
+                                      "long_document": "extend", "eval_source": str(task_env["paths"]["lexglue/scotus"]),
+                                      "eval_split": "train", "max_eval_samples": 3},
+              "model": {"name": str(task_env["llama"]), "context_length": 256, "dtype": "float32"},
+              "attention": {"pattern": "s2", "group_ratio": 0.25},
+              "data": {"source": str(task_env["paths"]["lexglue/scotus"])},
+              "train": {"max_steps": 2, "batch_size": 2, "precision": "fp32", "logging_steps": 1},
+              "eval": {"before_training": False}, "output": {"dir": str(tmp_path / "run")}}
+    path = tmp_path / "ext.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_cli(["finetune", str(path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["max_length"] == 256 and metrics["model"]["rope_parameters"]["factor"] == 4.0
+    assert "score" in " ".join(__import__("safetensors.torch", fromlist=["x"]).load_file(
+        str(tmp_path / "run" / "adapter" / "adapter_model.safetensors")))
+    bad = dict(recipe, model={"name": str(task_env["bert"])}, output={"dir": str(tmp_path / "bad")})
+    path.write_text(yaml.safe_dump(bad))
+    result = CliRunner().invoke(main, ["finetune", str(path)])
+    assert result.exit_code == 2 and "'extend' needs a RoPE decoder" in result.output

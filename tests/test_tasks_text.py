@@ -163,3 +163,36 @@ def test_cut_text_and_choice_matching(tmp_path):
     assert match_choice("B. Aspirin", ["A", "B", "C", "D"]) == 1
     assert match_choice(" Maybe, the data", ["yes", "no", "maybe"]) == 2
     assert match_choice("unclear", ["yes", "no"]) == -1
+
+
+def test_chunking_finds_evidence_that_truncation_cuts_away():
+    """A model that scores one keyword: only chunk-and-aggregate sees it at the end of a long document."""
+    import types
+
+    import datasets
+
+    from petl.tasks.features import encode_classification
+    from petl.tasks.predict import predict_documents
+    from petl.tasks.testing import tiny_tokenizer_for
+
+    docs = [" ".join(["filler"] * 40) + " verdict", " ".join(["filler"] * 40), "verdict " + " ".join(["filler"] * 40)]
+    tok = tiny_tokenizer_for(docs)
+    keyword = tok.convert_tokens_to_ids("verdict")
+
+    class KeywordModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):  # [N, T] -> logits [N, 2]
+            hits = ((input_ids == keyword) & attention_mask.bool()).sum(1).float()
+            return types.SimpleNamespace(logits=torch.stack([torch.zeros_like(hits), 10 * hits - 5], 1))
+
+    records = datasets.Dataset.from_list([{"text": d, "text_pair": "", "labels": 0} for d in docs])
+    preds = {}
+    for strategy in ("truncate", "chunk"):
+        encoded = encode_classification(records, tok, max_length=16, strategy=strategy, num_labels=2, multi_label=False,
+                                        max_chunks=8)
+        logits = predict_documents(KeywordModel(), encoded, pad_token_id=0, aggregate="max", batch_size=2)
+        preds[strategy] = logits.argmax(-1).tolist()
+    assert preds == {"truncate": [0, 0, 1], "chunk": [1, 0, 1]}

@@ -9,11 +9,12 @@ Two disjoint word sets, each in the ``folder`` layout petl's audio runner reads
 * ``pretrain/``: 20 command words (Speech Commands' core words) to pretrain a small AST on;
 * ``adapt/``: 10 held-out words the pretrained AST has never heard, to adapt to with each method.
 
-Each clip is one espeak-ng utterance with a random English accent, voice variant, speaking rate
-and pitch, then a speed change (resampling, 0.85-1.15x), a random position in the 1 s window, a
-random gain, and white / pink / brown noise at 5-25 dB SNR. The adapt test split uses voice
-variants that no training or validation clip uses (unseen speakers). The same seed and espeak-ng
-version give byte-identical files; ``manifest.json`` records the settings and a digest of every clip.
+Each clip is an espeak-ng utterance (random English accent, voice variant, speaking rate and
+pitch; 2-4 clips are cut from each) with a speed change (resampling, 0.85-1.15x), a random
+position in the 1 s window, a random gain, and white / pink / brown noise at 5-25 dB SNR. The
+adapt test split uses voice variants that no training or validation clip uses (unseen speakers).
+The same seed and espeak-ng version give byte-identical files; ``manifest.json`` records the
+settings and a digest of every clip.
 """
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ ADAPT_WORDS = ("bed", "bird", "cat", "dog", "happy", "house", "marvin", "sheila"
 ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029")
 SEEN_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "klatt", "klatt3")
 UNSEEN_VARIANTS = ("m6", "m7", "f4", "f5", "klatt2")
-#: clips per word in each split (two clips are cut from every utterance)
-SIZES = {"pretrain": {"train": 36, "validation": 8, "test": 8}, "adapt": {"train": 16, "validation": 8, "test": 16}}
+#: clips per word in each split
+SIZES = {"pretrain": {"train": 96, "validation": 8, "test": 8}, "adapt": {"train": 16, "validation": 8, "test": 16}}
+#: augmented clips cut from each espeak-ng utterance (more for pretraining: cheap extra variety)
+COPIES = {"pretrain": {"train": 4, "validation": 2, "test": 2}, "adapt": {"train": 2, "validation": 2, "test": 2}}
 RATE = 16000
 SECONDS = 1.0
 
@@ -101,16 +104,17 @@ def generate(out: Path, seed: int = 0) -> dict:
             for w, word in enumerate(words):
                 key = [seed, ("pretrain", "adapt").index(part), ("train", "validation", "test").index(split), w]
                 rng = np.random.default_rng(np.random.SeedSequence(key))
-                for i in range(0, count, 2):
+                copies = COPIES[part][split]
+                for i in range(0, count, copies):
                     speech = utterance(word, str(rng.choice(ACCENTS)), str(rng.choice(variants)),
                                        int(rng.integers(110, 200)), int(rng.integers(25, 80)))
-                    for j in range(min(2, count - i)):
+                    for j in range(min(copies, count - i)):
                         path = write_audio(out / part / split / word / f"{word}_{i + j:03d}.wav",
                                            augment(speech, rng), RATE)
                         digests[str(path.relative_to(out))] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     version = subprocess.run([_espeak(), "--version"], capture_output=True, text=True).stdout.strip()
     manifest = {"seed": seed, "espeak_ng": version, "sample_rate": RATE, "seconds": SECONDS,
-                "pretrain_words": PRETRAIN_WORDS, "adapt_words": ADAPT_WORDS, "sizes": SIZES,
+                "pretrain_words": PRETRAIN_WORDS, "adapt_words": ADAPT_WORDS, "sizes": SIZES, "copies": COPIES,
                 "accents": ACCENTS, "seen_variants": SEEN_VARIANTS, "unseen_variants_adapt_test": UNSEEN_VARIANTS,
                 "clips": len(digests),
                 "digest": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()}

@@ -203,12 +203,14 @@ def load_corpus(kind: str, source: str, config_name: Optional[str] = None,
 
 # ----------------------------------------------------------------------------- protocols
 
-def plan_splits(corpus: AudioCorpus, protocol: str, val_folds: int = 1, runs: Optional[list[int]] = None) -> list[FoldSplit]:
+def plan_splits(corpus: AudioCorpus, protocol: str, val_folds: int = 1,
+                runs: Optional[list[int]] = None) -> list[FoldSplit]:
     """The runs of ``protocol`` on ``corpus`` (see the module docstring)."""
     if protocol == "official":
         if not {"train", "test"} <= corpus.splits:
-            raise DatasetError(f"{corpus.name} has no official train/test split (found {sorted(corpus.splits) or 'folds'}"
-                               f"); use audio.protocol=rotation")
+            found = sorted(corpus.splits) or "folds"
+            raise DatasetError(f"{corpus.name} has no official train/test split (found {found}); "
+                               "use audio.protocol=rotation")
         by = {s: [e for e in corpus.examples if e.group == s] for s in ("train", "validation", "test")}
         return [FoldSplit(None, by["train"], by["validation"], by["test"])]
     if protocol != "rotation":

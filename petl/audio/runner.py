@@ -59,16 +59,14 @@ def audio_adapter_config(recipe: Recipe):
 
 def run_audio_recipe(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     """Run an ``audio_classification`` recipe; returns the metrics written to ``metrics.json``."""
+    from accelerate import PartialState
+
     from petl.train.recipe_io import recipe_to_yaml
-    from petl.train.runner import prepare_output_dir
+    from petl.train.runner import _precision, prepare_output_dir, training_arguments
 
     if recipe.task.options:
         raise RecipeError(f"task.options {sorted(recipe.task.options)} are not used by audio_classification; "
                           "its settings live in the audio section")
-    from accelerate import PartialState
-
-    from petl.train.runner import _precision, training_arguments
-
     section = recipe.audio
     audio_adapter_config(recipe)  # validate before any data or model is loaded
     corpus = load_corpus(section.dataset, section.source, section.hub_config, recipe.model.trust_remote_code)

@@ -75,7 +75,9 @@ def load_task_model(recipe: Any, *, labels: Any = None, dtype: str = "float32", 
     info = {"base_model": section.name, "task": task.type}
     if task.long_document == "extend":
         info.update(_extend(config, recipe, native_context_length))
-    kwargs = dict(config=config, revision=section.revision, trust_remote_code=section.trust_remote_code,
+    # revision "main" (not None) lets transformers fetch the hub's safetensors conversion of a repo that
+    # only holds pytorch_model.bin (its auto-conversion checks for exactly "main")
+    kwargs = dict(config=config, revision=section.revision or "main", trust_remote_code=section.trust_remote_code,
                   dtype=resolve_dtype(dtype), use_safetensors=True, output_loading_info=True)
     auto = _auto_class(task.type)
     try:

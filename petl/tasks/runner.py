@@ -125,6 +125,9 @@ def run_task_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     _echo(f"[petl] trainable parameters: {metrics['trainable_parameters']:,} of {metrics['total_parameters']:,}")
 
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+    if resume:
+        _echo(f"[petl] resuming from {checkpoint}" if checkpoint else
+              f"[petl] no complete checkpoint under {out / CHECKPOINT_DIR}; starting from step 0")
     trainer = TaskTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                           callbacks=[JsonlStepLogger(out / STEP_LOG, resume_step=resume_step)],
                           aggregate=task.aggregate if task.type == "sequence_classification" else None,

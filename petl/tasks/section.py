@@ -45,8 +45,8 @@ class TaskSection:
         (single- or multi-label), ``multiple_choice``, ``extractive_qa``, ``generative``
         (SFT with the prompt masked, scored with task metrics) or ``audio_classification``.
     dataset: dataset adapter that turns the records of ``data.source`` into the task's fields, e.g.
-        ``lexglue/ecthr_a``, ``billsum``, ``cuad``, ``pubmedqa``, ``mimic/icd``; ``petl tasks``
-        adapters are listed in docs/tasks.md. Null reads ``data.source`` in the task's plain
+        ``lexglue/ecthr_a``, ``billsum``, ``cuad``, ``pubmedqa``, ``mimic/icd`` (all listed in
+        docs/tasks.md). Null reads ``data.source`` in the task's plain
         format (text/label, context/question/choices/label, SQuAD, instruction/input/output).
         When ``data.source`` is left at its default the adapter's hub id is used.
     eval_split: split of ``data.source`` that is scored after training (slices such as

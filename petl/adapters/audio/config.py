@@ -70,10 +70,10 @@ class AudioAdapterConfig(PeftConfig):
             ``"cls"`` (the CLS token) or ``"native"`` (transformers' (CLS + distillation) / 2,
             the only mode a merged model reproduces). Default: ``"mean"``.
         faithful (bool): reproduce the reference code's effective behaviour where it differs from
-            its intent: every adapter Linear / Conv2d / LoRA factor / prompt gets the
-            trunc-normal(0.02) init that transformers' loader applied (so adapters do not start as
-            the identity), and the Conformer block's LayerNorm is built (its parameters count)
-            but not applied. Default: False.
+            its intent: every adapter Linear / Conv2d and LoRA factor gets the trunc-normal(0.02)
+            init that transformers' loader applied (Conv1d, BatchNorm, prompts and prefixes keep
+            their own init), so adapters do not start as the identity; and the Conformer block's
+            LayerNorm is built (its parameters count) but not applied. Default: False.
         modules_to_save (list[str], Optional): modules trained in full and saved; None picks the
             method's set described above. Default: None.
         target_modules (str, Optional): computed from the method; do not set. Default: None.
