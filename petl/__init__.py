@@ -39,9 +39,10 @@ __all__ = sorted(_LAZY) + ["__version__"]
 # Registration with transformers (attention + mask functions) and peft (adapter methods) must
 # happen on `import petl`, so these modules are imported eagerly.
 import petl.attention  # noqa: E402,F401
+from petl.adapters.audio import AudioAdapterConfig  # noqa: E402
 from petl.adapters.soka import SokaConfig  # noqa: E402
 
-__all__ = sorted(__all__ + ["SokaConfig"])
+__all__ = sorted(__all__ + ["AudioAdapterConfig", "SokaConfig"])
 
 
 def __getattr__(name: str) -> Any:
