@@ -106,6 +106,15 @@ def prepare_for_training(model, recipe: Recipe) -> dict[str, Any]:
             "max_position_embeddings": model.config.max_position_embeddings}
 
 
+def build_model(recipe: Recipe, precision: str):
+    """Load the base model and prepare it for training in one step: (model, tokenizer, info).
+
+    For callers that do not evaluate the base model in between (task runners).
+    """
+    model, tokenizer = load_base_model(recipe, precision)
+    return model, tokenizer, prepare_for_training(model, recipe)
+
+
 GRAD_INIT_BATCHES = 4  # batches SoKA's "grad" init averages the loss gradient over
 
 
