@@ -7,7 +7,8 @@ Split (documented, deterministic): ``heldout.txt`` is tokenized once with the em
 the first ``--train-frac`` (default 70%) of the token stream is the training text, cut into
 non-overlapping 256-token blocks; the remaining 30% (the end of Twelfth Night and The Tempest) is
 the evaluation text, scored with :func:`petl.eval.perplexity` in the sliding protocol (length 256,
-stride 128). No training block overlaps the evaluation tokens.
+stride 128; ``--max-windows N`` scores only the first N windows of it, i.e. its first ~128*N
+tokens). No training block overlaps the evaluation tokens.
 
 Methods, all on q/k/v/o of every layer, same seed, steps, batch, AdamW lr and cosine schedule:
 
@@ -19,7 +20,8 @@ Methods, all on q/k/v/o of every layer, same seed, steps, batch, AdamW lr and co
   SoKA has at most as many trainable parameters (terms come in chunks of 256-512 here, so the counts
   match within ~2%; both exact counts are reported).
 
-Run: ``python -m benchmarks.soka_vs_lora`` (writes benchmarks/results/soka_vs_lora.json).
+Run: ``python -m benchmarks.soka_vs_lora`` (writes benchmarks/results/soka_vs_lora.json); the
+shipped result used ``--steps 30 --max-windows 48`` to fit a few CPU minutes on a shared machine.
 """
 from __future__ import annotations
 

@@ -216,3 +216,61 @@ def task_cmd(run_dir: str, split: str | None, source: str | None, max_samples: i
                            "task": recipe.task.type, "split": recipe.task.eval_split,
                            "source": recipe.task.eval_source, "records": len(rows),
                            "metrics": metrics})
+
+
+def _gsm8k_records(data: str, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """GSM8K records from a .jsonl/.json file or a hub id (``openai/gsm8k``, config ``main``)."""
+    path = Path(data)
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+        elif path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise click.UsageError(f"--data {data}: expected a .jsonl or .json file with "
+                                   "'question' and 'answer', or a hub id like openai/gsm8k")
+    elif path.exists():
+        raise click.UsageError(f"--data {data} is a folder; pass a .jsonl file or a hub id")
+    else:
+        from datasets import load_dataset
+
+        config = "main" if data.rstrip("/").endswith("gsm8k") else None
+        rows = list(load_dataset(data, config, split=split))
+    if not isinstance(rows, list) or not rows:
+        raise click.UsageError(f"--data {data}: no records found")
+    return rows[:limit] if limit is not None else rows
+
+
+@eval_group.command("gsm8k")
+@model_options
+@click.option("--data", default="openai/gsm8k", show_default=True,
+              help="GSM8K .jsonl/.json file (question, answer) or hub id (config main).")
+@click.option("--split", default="test", show_default=True, help="Hub split to score.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Score only the first N problems.")
+@click.option("--template", default="alpaca", show_default=True,
+              help="Prompt template the model was fine-tuned with (petl.data.format_sft_prompt).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@one_line_errors
+def gsm8k_cmd(model_name: str, adapter: str | None, dtype: str, device: str | None,
+              context_length: int | None, rope_method: str, trust_remote_code: bool,
+              json_out: str | None, progress: bool, data: str, split: str, limit: int | None,
+              template: str, max_new_tokens: int, batch_size: int) -> None:
+    """GSM8K accuracy: greedy completions, exact match of the final number."""
+    from petl.eval.gsm8k import gsm8k_accuracy
+
+    rope_scaling = None if context_length is None else {"target_length": context_length,
+                                                        "method": rope_method}
+    records = _gsm8k_records(data, split, limit)
+    model, tokenizer = _load(model_name, adapter, dtype, device, rope_scaling, trust_remote_code)
+    result = gsm8k_accuracy(model, tokenizer, records, template=template,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            progress=progress)
+    click.echo(_table(["problems", "correct", "no_answer", "accuracy"],
+                      [[str(result["total"]), str(result["correct"]), str(result["no_answer"]),
+                        f"{result['accuracy']:.4f}"]]))
+    _write_json(json_out, {"command": "gsm8k", "model": model_name, "adapter": adapter,
+                           "data": data, "split": split, "template": template,
+                           "max_new_tokens": max_new_tokens, "results": result})

@@ -13,7 +13,7 @@ import click
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "recipes": ("recipes_cmd", "recipes", "List, show and copy published recipes."),
     "finetune": ("finetune", "finetune", "Fine-tune a model with a recipe (name or path) and overrides."),
-    "eval": ("eval_cmd", "eval_group", "Evaluate perplexity by context length and passkey retrieval."),
+    "eval": ("eval_cmd", "eval_group", "Evaluate: perplexity by length, passkey retrieval, GSM8K, task metrics."),
     "merge": ("merge", "merge", "Merge an adapter into its base model and save a plain transformers model."),
     "generate": ("generate", "generate", "Generate text, optionally with an H2O-compressed KV cache."),
     "viz": ("viz", "viz", "Draw attention patterns (S2 / SF) as PNG images."),

@@ -5,6 +5,7 @@
 in eval mode, without gradients, with full attention, and restore its state afterwards.
 See docs/evaluation.md.
 """
+from petl.eval.gsm8k import extract_final_number, gsm8k_accuracy
 from petl.eval.passkey import PasskeyPrompt, passkey, passkey_prompt
 from petl.eval.perplexity import perplexity
 from petl.eval.tokens import load_eval_tokens
@@ -17,6 +18,8 @@ from petl.eval.windows import (
 
 __all__ = [
     "PasskeyPrompt",
+    "extract_final_number",
+    "gsm8k_accuracy",
     "load_eval_tokens",
     "longlora_windows",
     "num_longlora_windows",
