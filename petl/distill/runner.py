@@ -60,19 +60,6 @@ def _stage_args(recipe: Recipe, out: Path, precision: str, stage: int):
     return training_arguments(dataclasses.replace(recipe, train=train), out / f"stage{stage}", precision)
 
 
-def _prepare_output_dir(recipe: Recipe, resume: bool) -> Path:
-    import shutil
-
-    out = Path(recipe.output_dir)
-    if out.is_dir() and any((out / n).exists() for n in layout.RUN_ENTRIES) and not resume:
-        if not recipe.output.overwrite:
-            raise RecipeError(f"output folder {str(out)!r} already holds a run; pass --resume to continue it, "
-                              "set output.overwrite=true to replace it, or choose output.dir=...")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def _fp32_trainable(model, precision: str) -> None:
     if precision == "fp16":  # fp16 optimiser states need fp32 master weights
         for p in model.parameters():
@@ -235,7 +222,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, stop_after: Optional[in
 
     from petl.distill.steplog import plot_stage_losses
     from petl.train.recipe_io import recipe_to_yaml
-    from petl.train.runner import _precision
+    from petl.train.runner import _precision, prepare_output_dir
 
     if stop_after not in (None, 1):
         raise ValueError(f"stop_after={stop_after!r}: use None (both stages) or 1 (stop after stage 1)")
@@ -245,7 +232,7 @@ def run_distill(recipe: Recipe, *, resume: bool = False, stop_after: Optional[in
     _stage_args(recipe, out, precision, 1)  # sets up the process group before PartialState
     state = PartialState()
     if state.is_main_process:
-        _prepare_output_dir(recipe, resume)
+        prepare_output_dir(recipe, resume, layout.RUN_ENTRIES)
         (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     state.wait_for_everyone()
     if resume and (out / layout.METRICS).is_file():

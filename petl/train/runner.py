@@ -63,9 +63,16 @@ def _model_dtype(recipe: Recipe, precision: str) -> str:
     return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
 
 
-def prepare_output_dir(recipe: Recipe, resume: bool) -> Path:
+RUN_ENTRIES = ("metrics.json", CHECKPOINT_DIR, ADAPTER_DIR)
+
+
+def prepare_output_dir(recipe: Recipe, resume: bool, run_entries: tuple[str, ...] = RUN_ENTRIES) -> Path:
+    """Create the output folder; refuse to overwrite a previous run unless resuming or told to.
+
+    ``run_entries`` are the names whose presence marks a folder as holding a run.
+    """
     out = Path(recipe.output_dir)
-    holds_run = out.is_dir() and any((out / n).exists() for n in ("metrics.json", CHECKPOINT_DIR, ADAPTER_DIR))
+    holds_run = out.is_dir() and any((out / n).exists() for n in run_entries)
     if holds_run and not resume:
         if not recipe.output.overwrite:
             raise RecipeError(f"output folder {str(out)!r} already holds a run; pass --resume to continue it, "
