@@ -15,6 +15,7 @@ setup(
     package_data={
         "petl.recipes": ["*.yaml", "**/*.yaml"],
         "petl.assets": ["**/*.json", "**/*.safetensors", "**/*.md", "**/*.txt"],
+        "petl.tasks": ["data/*.jsonl", "data/*.md"],
     },
     include_package_data=False,
 )

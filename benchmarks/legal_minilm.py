@@ -9,8 +9,9 @@ scored once, by a model that never saw it), from the shipped recipes
 folds (accuracy, micro/macro-F1 over all 51 predictions), plus accuracy on the units longer than
 one window, where the strategies can differ at all.
 
-    python -m benchmarks.legal_minilm                 # ~10 min on 2 idle CPU cores
-    python -m benchmarks.legal_minilm --folds 0 --configs truncate,chunk-max   # quicker look
+    python -m benchmarks.legal_minilm                 # truncate, chunk-max, chunk-mean: ~6 min, 2 idle cores
+    python -m benchmarks.legal_minilm --configs truncate,chunk-max,chunk-mean,truncate-512   # + 512 reference
+    python -m benchmarks.legal_minilm --folds 0 --configs truncate,chunk-mean        # quicker look
 
 Writes benchmarks/results/legal_minilm.json.
 """

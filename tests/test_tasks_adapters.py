@@ -54,7 +54,8 @@ def recipe(**task):
 @pytest.mark.parametrize("dataset, config", [("lexglue/ecthr_a", "ecthr_a"), ("lexglue/scotus", "scotus"),
                                              ("lexglue/eurlex", "eurlex"), ("lexglue/unfair_tos", "unfair_tos")])
 def test_lexglue_classification_from_the_hub(fake_hub, dataset, config):
-    records, labels = load_task_split(recipe(type="sequence_classification", dataset=dataset, eval_split="test"), "eval")
+    task = recipe(type="sequence_classification", dataset=dataset, eval_split="test")
+    records, labels = load_task_split(task, "eval")
     assert fake_hub == [("coastalcph/lex_glue", config, "test")]
     assert labels.num_labels == {"ecthr_a": 10, "scotus": 14, "eurlex": 100, "unfair_tos": 8}[config]
     assert labels.multi_label == (config != "scotus")

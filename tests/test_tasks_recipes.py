@@ -17,7 +17,7 @@ TASK_RECIPES = sorted(n for n in list_recipes() if n.startswith(("legal/", "clin
 
 @pytest.fixture(scope="session")
 def task_env(tmp_path_factory):
-    """Fixture data in each benchmark's format, tiny BERT / Longformer encoders and a tiny Llama with a chat template."""
+    """Fixture data in each benchmark's format, tiny BERT / Longformer encoders, a tiny Llama with a chat template."""
     from petl.tasks.testing import fixture_vocabulary_texts, save_tiny_encoder, write_benchmark_files
     from petl.testing import save_tiny_model
 

@@ -7,8 +7,8 @@ with a bracketed placeholder so the model still sees that something stood there:
 category       what matches                                                                placeholder
 =============  ==========================================================================  ===========
 email          ``name@host.tld``                                                           ``[EMAIL]``
-record         labelled numbers (``MRN: 123456``, ``Medical Record No. A-99812``, ``SSN``,  ``[RECORD]``
-               ``Acct #``, ``Patient ID``), ``123-45-6789``, and any run of 7+ digits
+record         labelled numbers (``MRN: 123456`` -> ``MRN: [RECORD]``, ``Medical Record No.``,  ``[RECORD]``
+               ``SSN``, ``Acct #``, ``Patient ID``), ``123-45-6789``, any run of 7+ digits
 phone          ``(617) 555-0123``, ``617-555-0123``, ``617.555.0123``, ``+1 617 555 0123``    ``[PHONE]``
 date           ``2012-03-04``, ``03/04/2012``, ``3-4-12``, ``March 4, 2012``, ``4th of Mar    ``[DATE]``
                2012``, ``Mar 4``, ``March 2012`` (a bare year is kept, as Safe Harbor allows)
@@ -19,9 +19,9 @@ name           every name of a supplied list, whole words, case-insensitive     
 
 E-mail addresses are replaced first (a listed surname inside an address must not break it), then
 listed names, then the other rules in the order of the table, so a phone number is not mistaken
-for a date and a record number is not read as a phone number. This is a safety net, not a certified de-identification: free
-text can hold identifiers no rule anticipates (unlisted names, addresses), which is why ``phi: true``
-also keeps raw text out of every log (see :mod:`petl.tasks.phi`).
+for a date and a record number is not read as a phone number. This is a safety net, not a certified
+de-identification: free text can hold identifiers no rule anticipates (unlisted names, addresses),
+which is why ``phi: true`` also keeps raw text out of every log (see :mod:`petl.tasks.phi`).
 """
 from __future__ import annotations
 

@@ -82,7 +82,9 @@ def resolve_labels(recipe: Any, adapter: DatasetAdapter, raw: datasets.Dataset, 
                    ) -> LabelSpace:
     """Label names from the recipe, the adapter, the data's ClassLabel feature, or the data itself."""
     task = recipe.task
-    multi = task.multi_label if task.multi_label is not None else (adapter.multi_label or "labels" in converted.column_names)
+    multi = task.multi_label
+    if multi is None:
+        multi = adapter.multi_label or "labels" in converted.column_names
     names = list(task.label_names) or list(adapter.label_names) or _feature_names(raw, adapter.label_feature)
     if not names and recipe.task.type == "sequence_classification":
         column = converted["labels"] if multi else converted["label"]

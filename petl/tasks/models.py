@@ -63,7 +63,8 @@ def load_task_model(recipe: Any, *, labels: Any = None, dtype: str = "float32", 
     section, task = recipe.model, recipe.task
     path = resolve_task_model_path(section.name)
     try:
-        config = AutoConfig.from_pretrained(path, revision=section.revision, trust_remote_code=section.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, revision=section.revision,
+                                            trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a model config from {section.name!r} ({str(exc).splitlines()[0][:200]}); "
                              "give a hub id, a local directory or pkg:PACKAGE") from None
@@ -153,7 +154,8 @@ def apply_task_adapter(model: Any, recipe: Any, new_modules: list[str]):
         return get_peft_model(model, config)
     except ValueError as exc:
         raise RecipeError(f"adapter.target_modules {section.target_modules} do not fit {recipe.model.name!r} "
-                          f"({str(exc).splitlines()[0][:160]}); BERT-style encoders name them query/key/value") from None
+                          f"({str(exc).splitlines()[0][:160]}); BERT-style encoders name them query/key/value"
+                          ) from None
 
 
 def save_task_info(folder: Path, recipe: Any, labels: Any, info: dict[str, Any]) -> None:

@@ -8,8 +8,8 @@ A run marked ``phi`` (every clinical recipe on credentialed data) changes three 
   the generated text, extracted spans or references;
 * error messages are withheld: third-party errors can quote their input (a tokenizer rejecting a
   record prints it), so an exception other than petl's own inside a PHI run is re-raised as
-  :class:`PhiWithheldError` naming only the exception type and where it happened. ``PETL_PHI_DEBUG=1`` shows the original
-  (only on a machine cleared for the data).
+  :class:`PhiWithheldError` naming only the exception type and where it happened.
+  ``PETL_PHI_DEBUG=1`` shows the original (only on a machine cleared for the data).
 
 petl's own messages never contain record values in any mode: they name fields, indices and
 settings. Training logs (loss, learning rate, gradient norm) contain no text either.

@@ -60,8 +60,8 @@ def predict_choices(model: Any, encoded: datasets.Dataset, *, pad_token_id: int,
     from petl.tasks.features import ChoiceCollator
 
     cols = [c for c in encoded.column_names if c in ("input_ids", "attention_mask", "token_type_ids")]
-    out = [model(**batch).logits.float().cpu()
-           for batch in _batches(encoded.select_columns(cols), ChoiceCollator(pad_token_id), batch_size, _device(model))]
+    batches = _batches(encoded.select_columns(cols), ChoiceCollator(pad_token_id), batch_size, _device(model))
+    out = [model(**batch).logits.float().cpu() for batch in batches]
     return torch.cat(out).numpy()
 
 
@@ -119,7 +119,8 @@ def evaluate_task(model: Any, tokenizer: Any, recipe: Any, records: datasets.Dat
             logits = predict_choices(model, encoded, pad_token_id=pad, batch_size=task.eval_batch_size)
             gold = np.asarray(encoded["labels"])
             scores = classification_metrics(logits, gold, multi_label=False)
-            preds = [{"index": i, "gold": int(g), "pred": int(p)} for i, (g, p) in enumerate(zip(gold, logits.argmax(-1)))]
+            preds = [{"index": i, "gold": int(g), "pred": int(p)}
+                     for i, (g, p) in enumerate(zip(gold, logits.argmax(-1)))]
         elif task.type == "extractive_qa":
             scores, preds = _evaluate_qa(model, tokenizer, recipe, records, max_length)
         else:
