@@ -1,19 +1,29 @@
-"""K7 (shared/BENCHMARKS.md): a whole LAWCAT attention layer vs softmax attention, and decode state.
+"""K7 (shared/BENCHMARKS.md): LAWCAT's attention (conv + feature map + gate + normalised GLA) vs
+SDPA causal, the GLA core vs fla's ``chunk_gla``, and the decode state.
 
-Rows, for B=1, H=32, head_dim 128, hidden 4096, bf16, N tokens:
+Rows, for B=1, H=32, head_dim 128, hidden 4096, bf16, N tokens (fwd under ``no_grad``; fwd+bwd
+with q, k, v, x and the LAWCAT parameters requiring grad, random upstream gradient):
 
-* ``sdpa_core``      - ``F.scaled_dot_product_attention(is_causal=True)`` on q/k/v alone;
-* ``softmax_layer``  - transformers' ``LlamaAttention`` (q/k/v/o projections, RoPE, SDPA);
-* ``lawcat_layer``   - ``LawcatAttention`` around the same projections (conv, Hedgehog feature
-  map, gate, normalised GLA), once per available backend (``fla``, ``chunked``);
+* ``sdpa_core``            - ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``: what a
+  softmax layer computes between its projections;
+* ``fla_chunk_gla_core``   - fla's ``chunk_gla`` alone on Hedgehog-like features (K = V = 128);
+* ``lawcat[fused+fla]``    - ``LawcatAttention.attend(x, q, k, v)`` on the fast path: petl's
+  Triton kernels (conv + feature map, gate + normaliser, division) around fla's ``chunk_gla``;
+* ``lawcat[torch+fla]``    - the same with ``kernels="off"``: PyTorch pre/post-processing, fla
+  core over ``[v, 1]`` padded to 144 columns (N <= ``--slow-max``);
+* ``lawcat[torch+chunked]`` - the pure PyTorch path (chunked core), the fallback without fla
+  (N <= ``--slow-max``);
+* ``softmax_layer`` / ``lawcat_layer[fused+fla]`` - whole modules with q/k/v/o projections.
 
-each timed for prefill (forward under ``no_grad``) and forward+backward (all parameters and the
-input require grad). Correctness is checked in the same run: the fla and chunked layers against
-each other at every N and against the float32 recurrent reference at the smallest N. Then the
-decode state of one LAWCAT layer after prefilling 8k..128k tokens (bytes held, and peak extra
-memory over 16 decode steps) next to the KV cache a softmax layer would hold.
+Correctness is checked in the same run, before timing: at the smallest N every LAWCAT row and
+the core against the float32 recurrent reference (the same layer with ``backend="reference"``),
+and at every N the fused path against the PyTorch chunked path. Then the decode state of one
+layer after prefilling 8k..128k tokens (bytes held, peak extra memory over 16 decode steps).
 
-Run: ``python -m benchmarks.lawcat_layer [--lengths 2048 4096 ...] [--out PATH]``.
+fla autotunes ~10 kernels on first use; ``--fla-tuning short`` (default here) restricts them to
+one or two configurations each (petl/linear/fla_backend.py), ``full`` keeps fla's lists.
+
+Run: ``python -m benchmarks.lawcat_layer [--lengths 2048 ...] [--out PATH]``.
 Writes ``benchmarks/results/lawcat_layer.json`` (or ``--out``).
 """
 from __future__ import annotations
@@ -44,6 +54,8 @@ def _layers(heads: int, kv_heads: int, head_dim: int, dtype, device):
     for lin in (softmax.q_proj, softmax.k_proj, softmax.v_proj, softmax.o_proj):
         torch.nn.init.normal_(lin.weight, std=head_dim ** -0.5 / 4)
     lawcat = LawcatAttention(softmax, LawcatConfig())
+    with torch.no_grad():  # data-dependent gates (the init gives every token the same gate)
+        lawcat.lawcat_gate.up.weight.normal_(0.0, 0.05)
     return cfg, softmax, lawcat, LlamaRotaryEmbedding(cfg).to(device)
 
 
@@ -67,93 +79,160 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _gla_flops(N: int, H: int, K: int, V: int, C: int = 64) -> float:
+    """Forward FLOPs of chunked GLA: state update + inter-chunk output (4KV per token) and the
+    causal in-chunk scores and their product with v (C(K+V) per token)."""
+    return float(H) * N * (4 * K * V + C * (K + V))
+
+
 def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int = 32,
-        head_dim: int = 128, backends: list[str] | None = None) -> dict:
+        head_dim: int = 128, slow_max: int = 32768) -> dict:
     import torch.nn.functional as F
     import transformers
     import triton
 
-    from petl.linear import LawcatCache, fla_available
+    from petl.linear import LawcatCache
+    from petl.linear.fla_backend import fla_available, fla_chunk_gla, tuning_mode
 
     os.environ.pop("PETL_LAWCAT_BACKEND", None)
     cuda = torch.cuda.is_available()
     dev, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
     H, D = heads, head_dim
     cfg, softmax, lawcat, rope = _layers(H, H, D, dtype, dev)
-    available = (["fla"] if fla_available() else []) + ["chunked"]
-    backends = [b for b in (backends or available) if b in available]
+    lcfg = lawcat.lawcat_config
+    has_fla = cuda and fla_available()
     result = {
         "benchmark": "lawcat_layer", "target": "K7",
-        "gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke run, not a result)", "torch": torch.__version__, "triton": triton.__version__,
-        "transformers": transformers.__version__, "fla_available": fla_available(),
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke run, not a result)",
+        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+        "fla_available": has_fla, "fla_tuning": tuning_mode(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, "-m", "benchmarks.lawcat_layer"] + sys.argv[1:]),
-        "shape": {"B": 1, "H": H, "kv_heads": H, "head_dim": D, "hidden": H * D, "dtype": str(dtype)},
+        "shape": {"B": 1, "H": H, "kv_heads": H, "head_dim": D, "feature_dim": lawcat.feature_size,
+                  "hidden": H * D, "dtype": str(dtype)},
         "prefill": [], "checks": [], "decode": [],
     }
+    if has_fla:
+        import fla
+
+        result["fla_version"] = fla.__version__
 
     def save():
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         with open(out_path, "w") as fh:
             json.dump(result, fh, indent=1)
 
-    params = list(softmax.parameters()) + [p for n, p in lawcat.named_parameters() if "lawcat_" in n]
+    def configure(kernels: str, backend: str) -> None:
+        lcfg.kernels, lcfg.backend = kernels, backend
+
+    lawcat_params = [p for n, p in lawcat.named_parameters() if "lawcat_" in n]
+    softmax_params = list(softmax.parameters())
+    variants = ([("fused+fla", "on", "fla")] if has_fla else []) + [("torch+chunked", "off", "chunked")]
+    if has_fla:
+        variants.append(("torch+fla", "off", "fla"))
+    if cuda and not has_fla:
+        variants.insert(0, ("fused+chunked", "on", "chunked"))
+    Fd = lawcat.feature_size
     for N in lengths:
         gen = torch.Generator(device=dev).manual_seed(N)
-        x = torch.randn(1, N, H * D, device=dev, dtype=dtype, generator=gen)
-        dy = torch.randn_like(x)
-        pos = torch.arange(N, device=dev)[None]
-        pe = rope(x, pos)
-        q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=gen).requires_grad_()
-                   for _ in range(3))
-        flops = 4 * H * D * N * (N + 1) / 2
+        rnd = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=gen)  # noqa: E731
+        x = rnd(1, N, H * D)
+        q, k, v = (rnd(1, N, H, D) for _ in range(3))
+        dy = rnd(1, N, H, D)
+        pe = rope(x, torch.arange(N, device=dev)[None])
         rows: dict[str, dict] = {}
+        outs: dict[str, torch.Tensor] = {}
 
-        def core_fb():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dy.view(1, N, H, D).transpose(1, 2))
-
+        # ---- SDPA: q, k, v in its [B, H, N, D] layout
+        qs, ks, vs = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        dys = dy.transpose(1, 2).contiguous()
         with torch.no_grad():
-            rows["sdpa_core"] = {"fwd_ms": _bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
-            rows["softmax_layer"] = {"fwd_ms": _bench(lambda: softmax(x, position_embeddings=pe)[0])}
-        rows["sdpa_core"]["fwd_bwd_ms"] = _bench(core_fb, grad_to_none=[q, k, v])
-        xg = x.detach().clone().requires_grad_()
-        rows["softmax_layer"]["fwd_bwd_ms"] = _bench(
-            lambda: softmax(xg, position_embeddings=pe)[0].backward(dy), grad_to_none=params + [xg])
-        outs = {}
-        for be in backends:
-            print(f"N={N}: timing lawcat_layer[{be}] (fla's first call autotunes ~15 Triton kernels: minutes)",
-                  flush=True)
-            lawcat.lawcat_config.backend = be
+            fwd = _bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+        fb = _bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(dys),
+                    grad_to_none=[qs, ks, vs])
+        rows["sdpa_core"] = {"fwd_ms": fwd, "fwd_bwd_ms": fb, "tflops_fwd": 4 * H * D * N * (N + 1) / 2 / fwd / 1e9}
+        del qs, ks, vs, dys
+
+        # ---- fla chunk_gla alone, on Hedgehog-like positive features
+        if has_fla:
+            fq, fk = (torch.randn(1, N, H, Fd, device=dev, generator=gen).softmax(-1).to(dtype).requires_grad_()
+                      for _ in range(2))
+            fg = (F.logsigmoid(torch.randn(1, N, H, Fd, device=dev, generator=gen) + 3) / 16).requires_grad_()
+            fv = v.detach().clone().requires_grad_()
             with torch.no_grad():
-                outs[be] = lawcat(x, position_embeddings=pe)[0]
-                fwd = _bench(lambda: lawcat(x, position_embeddings=pe)[0])
-            fb = _bench(lambda: lawcat(xg, position_embeddings=pe)[0].backward(dy), grad_to_none=params + [xg])
-            rows[f"lawcat_layer[{be}]"] = {"fwd_ms": fwd, "fwd_bwd_ms": fb}
+                fwd = _bench(lambda: fla_chunk_gla(fq, fk, fv, fg, output_final_state=False))
+            fb = _bench(lambda: fla_chunk_gla(fq, fk, fv, fg, output_final_state=False)[0].backward(dy),
+                        grad_to_none=[fq, fk, fv, fg])
+            rows["fla_chunk_gla_core"] = {"fwd_ms": fwd, "fwd_bwd_ms": fb,
+                                          "tflops_fwd": _gla_flops(N, H, Fd, D) / fwd / 1e9}
+            if N == min(lengths):
+                from petl.linear.chunked import chunked_gla
+
+                with torch.no_grad():
+                    o_fla = fla_chunk_gla(fq, fk, fv, fg, output_final_state=False)[0]
+                    o_ref = chunked_gla(fq.float(), fk.float(), fv.float(), fg)[0]
+                result["checks"].append({"N": N, "what": "fla chunk_gla vs float32 chunked form on the same inputs",
+                                         "rel_err": _rel(o_fla, o_ref)})
+            del fq, fk, fg, fv
+
+        # ---- LAWCAT attention variants (LawcatAttention.attend)
+        qg, kg, vg, xg = (t.detach().clone().requires_grad_() for t in (q, k, v, x))
+        for name, kernels, backend in variants:
+            if name.startswith("torch") and N > slow_max:
+                continue
+            configure(kernels, backend)
+            print(f"N={N}: lawcat[{name}]", flush=True)
+            with torch.no_grad():
+                outs[name] = lawcat.attend(x, q, k, v)
+                fwd = _bench(lambda: lawcat.attend(x, q, k, v))
+            fb = _bench(lambda: lawcat.attend(xg, qg, kg, vg).backward(dy), grad_to_none=[qg, kg, vg, xg] + lawcat_params)
+            rows[f"lawcat[{name}]"] = {"fwd_ms": fwd, "fwd_bwd_ms": fb,
+                                       "tflops_fwd": _gla_flops(N, H, Fd, D) / fwd / 1e9}
         if N == min(lengths):
-            lawcat.lawcat_config.backend = "reference"
-            with torch.no_grad():
-                ref = lawcat(x, position_embeddings=pe)[0]
-            for be, o in outs.items():
-                result["checks"].append({"N": N, "what": f"{be} vs float32 reference", "rel_err": _rel(o, ref)})
-        if {"fla", "chunked"} <= set(outs):
-            result["checks"].append({"N": N, "what": "fla vs chunked", "rel_err": _rel(outs["fla"], outs["chunked"])})
+            configure("off", "reference")
+            with torch.no_grad():  # bf16 -> fp32 -> bf16 leaves the weights unchanged
+                ref = lawcat.float().attend(x.float(), q.float(), k.float(), v.float())
+            lawcat.to(dtype)
+            for name, o in outs.items():
+                result["checks"].append({"N": N, "what": f"lawcat[{name}] ({dtype}) vs float32 recurrent reference",
+                                         "rel_err": _rel(o, ref)})
+            del ref
+        for name in outs:
+            if name != "torch+chunked" and "torch+chunked" in outs:
+                result["checks"].append({"N": N, "what": f"lawcat[{name}] vs lawcat[torch+chunked]",
+                                         "rel_err": _rel(outs[name], outs["torch+chunked"])})
+        for c in result["checks"]:
+            if c["N"] == N:
+                print(f"  check N={N}: {c['what']}: rel err {c['rel_err']:.2e}", flush=True)
+
+        # ---- whole modules (projections included)
+        with torch.no_grad():
+            rows["softmax_layer"] = {"fwd_ms": _bench(lambda: softmax(x, position_embeddings=pe)[0])}
+            configure(*variants[0][1:])
+            rows[f"lawcat_layer[{variants[0][0]}]"] = {"fwd_ms": _bench(lambda: lawcat(x, position_embeddings=pe)[0])}
+        dyh = dy.reshape(1, N, H * D)
+        rows["softmax_layer"]["fwd_bwd_ms"] = _bench(
+            lambda: softmax(xg, position_embeddings=pe)[0].backward(dyh), grad_to_none=softmax_params + [xg])
+        rows[f"lawcat_layer[{variants[0][0]}]"]["fwd_bwd_ms"] = _bench(
+            lambda: lawcat(xg, position_embeddings=pe)[0].backward(dyh), grad_to_none=lawcat_params + softmax_params + [xg])
+
+        base = rows["sdpa_core"]
         for name, r in rows.items():
-            r.update(N=N, impl=name, sdpa_tflops_fwd=flops / r["fwd_ms"] / 1e9,
-                     speedup_fwd_vs_sdpa_core=rows["sdpa_core"]["fwd_ms"] / r["fwd_ms"],
-                     speedup_fwd_bwd_vs_sdpa_core=rows["sdpa_core"]["fwd_bwd_ms"] / r["fwd_bwd_ms"],
-                     speedup_fwd_vs_softmax_layer=rows["softmax_layer"]["fwd_ms"] / r["fwd_ms"],
-                     speedup_fwd_bwd_vs_softmax_layer=rows["softmax_layer"]["fwd_bwd_ms"] / r["fwd_bwd_ms"])
+            r.update(N=N, impl=name, speedup_fwd_vs_sdpa=base["fwd_ms"] / r["fwd_ms"],
+                     speedup_fwd_bwd_vs_sdpa=base["fwd_bwd_ms"] / r["fwd_bwd_ms"])
+            if "fla_chunk_gla_core" in rows:
+                r["fwd_vs_fla_core"] = rows["fla_chunk_gla_core"]["fwd_ms"] / r["fwd_ms"]
+                r["fwd_bwd_vs_fla_core"] = rows["fla_chunk_gla_core"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
             result["prefill"].append(r)
-            print(f"N={N:6d} {name:22s} fwd {r['fwd_ms']:8.2f} ms  fwd+bwd {r['fwd_bwd_ms']:8.2f} ms  "
-                  f"x sdpa(fwd) {r['speedup_fwd_vs_sdpa_core']:5.2f}  x softmax-layer(fwd) "
-                  f"{r['speedup_fwd_vs_softmax_layer']:5.2f}  (fwd+bwd {r['speedup_fwd_bwd_vs_softmax_layer']:5.2f})",
-                  flush=True)
-        del x, dy, xg, q, k, v, outs
+            print(f"N={N:6d} {name:28s} fwd {r['fwd_ms']:9.3f} ms  fwd+bwd {r['fwd_bwd_ms']:9.3f} ms  "
+                  f"x sdpa: fwd {r['speedup_fwd_vs_sdpa']:6.2f}  fwd+bwd {r['speedup_fwd_bwd_vs_sdpa']:6.2f}", flush=True)
+        del x, q, k, v, dy, qg, kg, vg, xg, outs
         if cuda:
             torch.cuda.empty_cache()
         save()
 
-    lawcat.lawcat_config.backend = backends[0]
+    configure(*variants[0][1:])
+    result["decode_path"] = variants[0][0]
     for N in decode_lengths:
         cache = LawcatCache(cfg, [0])
         with torch.no_grad():
@@ -167,14 +246,14 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated() if cuda else 0
+            base_mem = torch.cuda.memory_allocated() if cuda else 0
             sizes = []
             for t in range(16):
                 x1 = torch.randn(1, 1, H * D, device=dev, dtype=dtype)
                 lawcat(x1, position_embeddings=rope(x1, torch.tensor([[N + t]], device=dev)), cache=cache)
                 sizes.append(cache.lawcat_state_nbytes())
         row = {"N": N, "state_bytes": sizes[-1], "state_constant_over_steps": len(set(sizes)) == 1,
-               "decode_peak_extra_bytes": (torch.cuda.max_memory_allocated() - base) if cuda else None,
+               "decode_peak_extra_bytes": (torch.cuda.max_memory_allocated() - base_mem) if cuda else None,
                "softmax_kv_cache_bytes": 2 * N * H * D * 2, "seq_len_seen": cache.get_seq_length()}
         result["decode"].append(row)
         peak = row["decode_peak_extra_bytes"] or 0
@@ -184,19 +263,109 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
     return result
 
 
+def components(N: int, out_path: str, heads: int = 32, head_dim: int = 128) -> dict:
+    """Time each stage of the fused path at N tokens (fwd, and fwd+bwd where it has a backward),
+    with a few block-size variants of petl's kernels: what the fused layer's time is made of."""
+    import triton
+
+    from petl.linear.fla_backend import fla_chunk_gla
+    from petl.linear.kernel_features import conv_feature_map
+    from petl.linear.kernel_normaliser import gate_normaliser, normalise
+
+    dev, dtype, H, D = torch.device("cuda"), torch.bfloat16, heads, head_dim
+    _, _, lawcat, _ = _layers(H, H, D, dtype, dev)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x, q, k, v, dy = (torch.randn(1, N, *s, device=dev, dtype=dtype, generator=gen)
+                      for s in ((H * D,), (H, D), (H, D), (H, D), (H, D)))
+    conv_w, fm_w, gate = lawcat.lawcat_conv_q.weight, lawcat.lawcat_feature_map_q.weight, lawcat.lawcat_gate
+    rows = []
+
+    def add(stage, variant, fwd_fn, fb_fn=None, grads=()):
+        with torch.no_grad():
+            fwd = _bench(fwd_fn)
+        fb = _bench(fb_fn, grad_to_none=list(grads)) if fb_fn is not None else None
+        rows.append({"stage": stage, "variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": fb})
+        print(f"N={N} {stage:18s} {variant:28s} fwd {fwd:8.3f} ms  fwd+bwd {fb if fb is None else round(fb, 3)}",
+              flush=True)
+
+    xq = q.reshape(1, N, H * D)
+    xg = xq.detach().clone().requires_grad_()
+    dphi = torch.randn(1, N, H, lawcat.feature_size, device=dev, dtype=dtype, generator=gen)
+    with torch.no_grad():
+        phi_q = conv_feature_map(xq, conv_w, fm_w)
+        phi_k = conv_feature_map(k.reshape(1, N, H * D), lawcat.lawcat_conv_k.weight, fm_w)
+        logits = gate.logits(x)
+    add("gate_logits", "2 Linear", lambda: gate.logits(x))
+    for bt, w in ((64, 8), (64, 4), (128, 8), (32, 4)):
+        blocks = {"fwd": bt, "fwd_warps": w}
+        add("conv_feature_map", f"BT={bt} warps={w}", lambda: conv_feature_map(xq, conv_w, fm_w, blocks=blocks),
+            (lambda: conv_feature_map(xg, conv_w, fm_w, blocks=blocks).backward(dphi)) if bt == 64 and w == 8 else None,
+            [xg, conv_w, fm_w])
+    pq, pk, lg = (t.detach().clone().requires_grad_() for t in (phi_q, phi_k, logits))
+    dden = torch.randn(1, H, N, device=dev, generator=gen)
+    for bt, bf, w in ((128, 16, (4, 8)), (256, 16, (8, 8)), (64, 16, (4, 8)), (128, 8, (4, 8)), (256, 8, (4, 8)),
+                      (128, 32, (8, 8))):
+        kw = {"block_t": bt, "block_f": bf, "warps": w}
+        fb = None
+        if bf == 16:
+            fb = lambda kw=kw: gate_normaliser(lg, pq, pk, None, 16.0, **kw)[1].backward(dden)  # noqa: E731
+        add("gate_normaliser", f"BT={bt} BF={bf} warps={w}", lambda kw=kw: gate_normaliser(logits, phi_q, phi_k, None, 16.0, **kw),
+            fb, [lg, pq, pk])
+    with torch.no_grad():
+        g, den, _ = gate_normaliser(logits, phi_q, phi_k, None, 16.0)
+    gq, gk_, gv, gg = (t.detach().clone().requires_grad_() for t in (phi_q, phi_k, v, g))
+    add("fla_chunk_gla", "V=128, short tuning", lambda: fla_chunk_gla(phi_q, phi_k, v, g, output_final_state=False),
+        lambda: fla_chunk_gla(gq, gk_, gv, gg, output_final_state=False)[0].backward(dy), [gq, gk_, gv, gg])
+    with torch.no_grad():
+        num = fla_chunk_gla(phi_q, phi_k, v, g, output_final_state=False)[0]
+    gnum, gden = num.detach().clone().requires_grad_(), den.detach().clone().requires_grad_()
+    add("normalise", "BT=64", lambda: normalise(num, den, 1e-10, dtype),
+        lambda: normalise(gnum, gden, 1e-10, dtype).backward(dy), [gnum, gden])
+    lawcat.lawcat_config.kernels, lawcat.lawcat_config.backend = "on", "fla"
+    qg, kg, vg, xg2 = (t.detach().clone().requires_grad_() for t in (q, k, v, x))
+    params = [p for n, p in lawcat.named_parameters() if "lawcat_" in n]
+    add("attend", "fused+fla (total)", lambda: lawcat.attend(x, q, k, v),
+        lambda: lawcat.attend(xg2, qg, kg, vg).backward(dy), [qg, kg, vg, xg2] + params)
+    copy_src = torch.empty(N * H * D * 4, dtype=torch.float32, device=dev)
+    copy_dst = torch.empty_like(copy_src)
+    copy_ms = _bench(lambda: copy_dst.copy_(copy_src))
+    result = {"N": N, "H": H, "head_dim": D, "gpu": torch.cuda.get_device_name(), "triton": triton.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([sys.executable, "-m", "benchmarks.lawcat_layer"] + sys.argv[1:]),
+              "copy_bandwidth_TBps": 2 * copy_src.numel() * 4 / copy_ms / 1e9, "stages": rows}
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    full = {}
+    if os.path.isfile(out_path):  # keep the prefill/decode rows of an earlier full run
+        with open(out_path) as fh:
+            full = json.load(fh)
+    full["components"] = result
+    with open(out_path, "w") as fh:
+        json.dump(full, fh, indent=1)
+    print(f"device copy {result['copy_bandwidth_TBps']:.2f} TB/s", flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--decode-lengths", type=int, nargs="+", default=[8192, 32768, 131072])
-    ap.add_argument("--backends", nargs="+", choices=["fla", "chunked"], default=None,
-                    help="LAWCAT backends to time (default: every available one)")
+    ap.add_argument("--slow-max", type=int, default=32768, help="longest N for the PyTorch-path rows")
+    ap.add_argument("--fla-tuning", choices=["short", "full"], default="short",
+                    help="fla autotuning: petl's short config lists (default) or fla's full lists")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--components", type=int, default=0,
+                    help="instead: time each stage of the fused path at this N (stored under "
+                         "'components' in --out, next to an earlier full run's rows)")
     args = ap.parse_args()
+    os.environ["PETL_FLA_TUNING"] = args.fla_tuning
+    if args.components:
+        components(args.components, args.out, args.heads, args.head_dim)
+        return
     if not torch.cuda.is_available() and args.out == RESULTS:
         raise SystemExit("benchmarks.lawcat_layer measures on CUDA; on CPU only a smoke run with --out elsewhere")
-    run(args.lengths, args.decode_lengths, args.out, args.heads, args.head_dim, args.backends)
+    run(args.lengths, args.decode_lengths, args.out, args.heads, args.head_dim, args.slow_max)
 
 
 if __name__ == "__main__":

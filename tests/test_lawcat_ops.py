@@ -2,6 +2,8 @@
 the same forms against each other on CUDA (``-m gpu``), fla's ``chunk_gla`` included."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,8 @@ from petl.linear import chunked_gla, naive_recurrent_gla, naive_recurrent_lawcat
 from petl.linear.modules import CausalDepthwiseConv, GlaGate, HedgehogFeatureMap
 from petl.linear.ops import ENV_VAR, fla_available, gla, resolve_backend
 from petl.linear.window import delayed_keys, window_terms
+
+os.environ.setdefault("PETL_FLA_TUNING", "short")  # before fla is first loaded: seconds, not minutes
 
 # (B, T, H, F, V, chunk, sub_chunk): odd lengths, T below / above / not a multiple of the chunk.
 SHAPES = [
@@ -180,23 +184,40 @@ def test_cuda_chunked_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not fla_available(), reason="flash-linear-attention not installed")
-def test_cuda_fla_matches_reference_outputs_and_grads():
-    from petl.linear.ops import fla_gla
+@pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="flash-linear-attention not installed")
+@pytest.mark.parametrize("shape", [(1, 777, 4, 128, 128), (2, 100, 3, 64, 80)], ids=["T777-K128", "T100-K64-V80"])
+def test_cuda_fla_matches_reference_outputs_and_grads(shape):
+    """fla's chunk_gla (the fast path's core: V = d, no ones column) vs the float64 recurrence.
 
-    q, k, v, g, h0 = _inputs(1, 777, 4, 64, 65, dtype=torch.float64, device="cuda")
+    Rule: fla's error <= 2x the error of petl's chunked PyTorch form run on the same bf16 inputs
+    with its results rounded to bf16, both against float64 on those rounded inputs. bf16 is the
+    precision fla works in: its output is bf16, and its float32 final state and gate gradient are
+    accumulated from bf16 products (the decayed keys and states are cast to bf16 before each
+    tensor-core product), so the chunked form's state and dg are rounded to bf16 for the
+    baseline; q/k/v gradients are bf16 in both (bf16 leaves).
+    """
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    from petl.linear.fla_backend import fla_chunk_gla
+
+    B, T, H, K, V = shape
+    q, k, v, g, h0 = _inputs(B, T, H, K, V, dtype=torch.float64, device="cuda", gate_scale=0.25)
+    q, k, v = (t.to(torch.bfloat16).double() for t in (q, k, v))
+    g, h0 = g.float().double(), h0.float().double()
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, g)]
     ref, ref_s = naive_recurrent_gla(*ref_in, h0)
     low = [t.to(torch.bfloat16) for t in (q, k, v)] + [g.float()]
     fla_in = [t.clone().requires_grad_() for t in low]
     chk_in = [t.clone().requires_grad_() for t in low]
-    o, s = fla_gla(*fla_in, h0.float())
+    o, s = fla_chunk_gla(*fla_in, h0.float())
     oc, sc = chunked_gla(*chk_in, h0.float())
-    assert _rel(o, ref) <= 2 * _rel(oc, ref) + 5e-3
-    assert _rel(s, ref_s) <= 2 * _rel(sc, ref_s) + 5e-3
+    oc = oc.to(torch.bfloat16)
+    assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
+    assert _rel(o, ref) <= 2 * _rel(oc, ref), (_rel(o, ref), _rel(oc, ref))
+    assert _rel(s, ref_s) <= 2 * _rel(bf(sc), ref_s), (_rel(s, ref_s), _rel(bf(sc), ref_s))
     do = torch.randn_like(ref)
     g_ref = torch.autograd.grad((ref * do).sum(), ref_in)
     g_fla = torch.autograd.grad((o.double() * do).sum(), fla_in)
     g_chk = torch.autograd.grad((oc.double() * do).sum(), chk_in)
     for name, a, b, r in zip("q k v g".split(), g_fla, g_chk, g_ref):
-        assert _rel(a, r) <= 2 * _rel(b, r) + 1e-2, name
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, r) <= 2 * _rel(bf(b), r), (name, _rel(a, r), _rel(bf(b), r))

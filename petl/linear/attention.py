@@ -7,7 +7,8 @@ Per layer (adapters.md §3.2; shapes for B batch, T new tokens, H query heads, d
 2. causal depthwise conv (K=4) across tokens on q and k (not v), no RoPE on this path;
 3. Hedgehog feature map on the conv outputs -> ``phi_q, phi_k`` ``[B, T, H, 2f]``;
 4. data-dependent per-channel gate ``log alpha`` ``[B, T, H, 2f]`` (per kv head, repeated);
-5. normalised gated linear attention: one GLA over ``[v, 1]``; the last column divides;
+5. normalised gated linear attention: one GLA over ``[v, 1]``; the last column divides (the
+   fused path, petl/linear/fused.py, computes the normaliser in its own kernel instead);
 6. optional sliding softmax window (RoPE'd q/k) mixed into numerator and denominator;
 7. ``o_proj``.
 
@@ -28,7 +29,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .cache import LawcatCacheLayer, lawcat_cache_layer
 from .config import LawcatConfig
 from .modules import CausalDepthwiseConv, GlaGate, HedgehogFeatureMap
-from .ops import gla
+from .fused import fused_attend, use_fused
+from .ops import gla, resolve_backend
 from .window import delayed_keys, window_terms
 
 
@@ -139,12 +141,29 @@ class LawcatAttention(nn.Module):
             return self._distill_forward(hidden_states, q, k, v, valid, position_embeddings,
                                          attention_mask, kwargs)
         layer_cache = lawcat_cache_layer(cache, self.layer_idx) if cache is not None else None
-        o = self._student(hidden_states, q, k, v, valid, position_embeddings, layer_cache)
+        o = self.attend(hidden_states, q, k, v, valid, position_embeddings, layer_cache)
         return self.o_proj(o.reshape(B, T, H * d)), None
+
+    def attend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               valid: torch.Tensor | None = None, position_embeddings=None,
+               layer_cache: LawcatCacheLayer | None = None) -> torch.Tensor:
+        """LAWCAT's replacement of the softmax-attention call: conv, feature map, gate and
+        normalised GLA on projected ``q [B, T, H, d]``, ``k, v [B, T, H_kv, d]`` (x ``[B, T,
+        hidden]`` feeds the gate). Returns ``[B, T, H, d]`` in x's dtype; updates ``layer_cache``.
+
+        Runs the fused Triton path (petl/linear/fused.py) when it applies, else the PyTorch path.
+        """
+        cfg = self.lawcat_config
+        T = q.shape[1]
+        if T > 1 and cfg.window_size == 0:
+            core = resolve_backend(cfg.backend, q.device, cfg.kernels)
+            if use_fused(cfg, q.device, q.dtype, core, T):
+                return fused_attend(self, x, q, k, v, valid, layer_cache, core)
+        return self._student(x, q, k, v, valid, position_embeddings, layer_cache)
 
     def _student(self, x, q, k, v, valid, position_embeddings,
                  layer_cache: LawcatCacheLayer | None) -> torch.Tensor:
-        """Normalised LAWCAT output ``[B, T, H, d]`` in x's dtype; updates ``layer_cache``."""
+        """PyTorch path: normalised LAWCAT output ``[B, T, H, d]`` in x's dtype; updates ``layer_cache``."""
         cfg = self.lawcat_config
         B, T, H, d = q.shape
         G = self.num_key_value_groups
@@ -168,7 +187,7 @@ class LawcatAttention(nn.Module):
             num, state, window_state = self._windowed(q, k_rep, phi_q, phi_k, v_aug, g, valid,
                                                       position_embeddings, layer_cache, state0)
         else:
-            num, state = gla(phi_q, phi_k, v_aug, g, state0, cfg.backend, cfg.chunk_size)
+            num, state = gla(phi_q, phi_k, v_aug, g, state0, cfg.backend, cfg.chunk_size, cfg.kernels)
         num = num.to(torch.promote_types(num.dtype, torch.float32))
         o = num[..., :d] / (num[..., d:] + cfg.eps)
         if layer_cache is not None:
@@ -190,7 +209,7 @@ class LawcatAttention(nn.Module):
         ext = {n: torch.cat([past[n], t], dim=1) if n in past else t for n, t in new.items()}
         win = window_terms(q_r, ext["k_rope"], ext["v"], ext["valid"], W, self.scaling)
         k_del, v_del = delayed_keys(ext["phi_k"], ext["v"], ext["g"], W, T)
-        lin, state = gla(phi_q, k_del, v_del, g, state0, cfg.backend, cfg.chunk_size)
+        lin, state = gla(phi_q, k_del, v_del, g, state0, cfg.backend, cfg.chunk_size, cfg.kernels)
         factor = torch.sigmoid(self.lawcat_window_factor.to(win.dtype))[None, None, :, None]
         num = lin.to(win.dtype) + factor * win
         keep = {n: t[:, -W:] for n, t in ext.items()}
@@ -209,7 +228,7 @@ class LawcatAttention(nn.Module):
             teacher, _ = fn(self, q_r.transpose(1, 2), k_r.transpose(1, 2), v.transpose(1, 2),
                             attention_mask, dropout=0.0, scaling=self.scaling,
                             sliding_window=self.sliding_window, **kwargs)      # [B, T, H, d]
-        student = self._student(x, q, k, v, valid, position_embeddings, None)
+        student = self.attend(x, q, k, v, valid, position_embeddings, None)
         err = (student.float() - teacher.float()).pow(2)
         if valid is not None:
             w = valid[:, :, None, None].float()

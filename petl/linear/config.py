@@ -15,6 +15,7 @@ from typing import Any
 
 CONFIG_NAME = "lawcat_config.json"
 BACKENDS = ("auto", "reference", "chunked", "fla")
+KERNEL_SETTINGS = ("auto", "on", "off")
 
 
 @dataclass
@@ -48,9 +49,14 @@ class LawcatConfig:
         eps (float): added to the normaliser. Default: 1e-10 (the paper's value; outputs are
             divided in float32).
         chunk_size (int): chunk length of the chunked PyTorch form. Default: 64.
-        backend (str): ``"auto"`` (fla on CUDA if importable, else chunked on CUDA, reference
-            on CPU), ``"reference"``, ``"chunked"`` or ``"fla"``. The environment variable
-            ``PETL_LAWCAT_BACKEND`` overrides it. Default: ``"auto"``.
+        backend (str): the gated-linear-attention core: ``"auto"`` (fla on CUDA if importable and
+            kernels are not off, else chunked on CUDA, reference on CPU), ``"reference"``,
+            ``"chunked"`` or ``"fla"``. The environment variable ``PETL_LAWCAT_BACKEND`` overrides
+            it. Default: ``"auto"``.
+        kernels (str): petl's fused Triton kernels around the core (conv + feature map, gate +
+            normaliser, division; petl/linear/fused.py): ``"auto"`` (defer to ``PETL_KERNELS``,
+            whose auto means CUDA with Triton), ``"on"`` or ``"off"`` (the PyTorch path).
+            Default: ``"auto"``.
         loss_scale (float): stage-1 attention-transfer loss multiplier (``xent0_mse1000``).
             Default: 1000.
     """
@@ -69,6 +75,7 @@ class LawcatConfig:
     eps: float = 1e-10
     chunk_size: int = 64
     backend: str = "auto"
+    kernels: str = "auto"
     loss_scale: float = 1000.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -94,6 +101,8 @@ class LawcatConfig:
             raise ValueError(f"LawcatConfig.chunk_size={self.chunk_size} must be >= 1")
         if self.backend not in BACKENDS:
             raise ValueError(f"LawcatConfig.backend={self.backend!r}: choose one of {BACKENDS}")
+        if self.kernels not in KERNEL_SETTINGS:
+            raise ValueError(f"LawcatConfig.kernels={self.kernels!r}: choose one of {KERNEL_SETTINGS}")
         if self.layers is not None:
             self.layers = sorted({int(i) for i in self.layers})
 

@@ -110,9 +110,14 @@ class GlaGate(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid logits ``W2 W1 x + b``, ``[B, T, H_kv, 2f]`` in the weights' dtype (the fused
+        kernels apply the log-sigmoid themselves)."""
+        out = self.up(self.down(x.to(self.down.weight.dtype)))
+        return out.view(*x.shape[:-1], self.num_kv_heads, self.feature_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``[B, T, hidden]``. Returns the log gate ``[B, T, H_kv, 2f]`` in float32 (float64 for a float64 model)."""
-        logits = self.up(self.down(x.to(self.down.weight.dtype)))
+        logits = self.logits(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        g = F.logsigmoid(logits) / self.normalizer
-        return g.view(*x.shape[:-1], self.num_kv_heads, self.feature_size)
+        return F.logsigmoid(logits) / self.normalizer

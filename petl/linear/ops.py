@@ -1,47 +1,44 @@
 """Dispatch of the gated-linear-attention core: reference loop, chunked PyTorch, or fla.
 
-``gla(q, k, v, g, initial_state)`` is the one entry point the LAWCAT module calls. The
-backend is chosen per call:
+``gla(q, k, v, g, initial_state)`` is the entry point of LAWCAT's PyTorch path (attention.py);
+the fused path (fused.py) calls the core directly. The core is chosen per call:
 
 * ``PETL_LAWCAT_BACKEND`` (``reference`` | ``chunked`` | ``fla``) overrides everything;
 * otherwise the module's configured backend, where ``auto`` means flash-linear-attention's
-  ``chunk_gla`` on CUDA when ``fla`` is importable, the chunked PyTorch form on CUDA when it is
-  not, and the recurrent reference on CPU (DESIGN.md principle 2);
+  ``chunk_gla`` on CUDA when ``fla`` is importable and petl's kernels are not switched off
+  (``LawcatConfig.kernels`` / ``PETL_KERNELS``), the chunked PyTorch form on CUDA otherwise, and
+  the recurrent reference on CPU (DESIGN.md principle 2);
 * a single token (decoding) always takes one step of the recurrence: no chunking helps there.
 
-flash-linear-attention is an optional dependency, imported lazily and only on CUDA.
+flash-linear-attention is an optional dependency, imported lazily and only on CUDA
+(petl/linear/fla_backend.py).
 """
 from __future__ import annotations
 
-import functools
 import os
-from typing import Callable
 
 import torch
 
+from ..kernels.switch import use_kernels
 from .chunked import chunked_gla
+from .fla_backend import fla_available, fla_chunk_gla
 from .naive import naive_recurrent_gla
 
 ENV_VAR = "PETL_LAWCAT_BACKEND"
 _FORCEABLE = ("reference", "chunked", "fla")
 
-
-@functools.lru_cache(maxsize=1)
-def _fla_chunk_gla() -> Callable | None:
-    try:
-        from fla.ops.gla import chunk_gla
-    except Exception:  # ImportError, or a triton/torch mismatch inside fla
-        return None
-    return chunk_gla
+__all__ = ["ENV_VAR", "fla_available", "fla_gla", "gla", "resolve_backend"]
 
 
-def fla_available() -> bool:
-    """Whether flash-linear-attention's ``chunk_gla`` can be imported."""
-    return _fla_chunk_gla() is not None
+def resolve_backend(backend: str, device: torch.device, kernels: str | None = None) -> str:
+    """Return the core a call on ``device`` will use (env var > argument > auto rule).
 
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Return the backend a call on ``device`` will use (env var > argument > auto rule)."""
+    Args:
+        backend (str): ``auto`` | ``reference`` | ``chunked`` | ``fla``.
+        device (torch.device): where the tensors live.
+        kernels (str, Optional): ``LawcatConfig.kernels`` (``auto`` | ``on`` | ``off``); with
+            ``off`` (or ``PETL_KERNELS=off``) ``auto`` stays in PyTorch.
+    """
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced:
         if forced not in _FORCEABLE:
@@ -50,7 +47,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
-        return "fla" if fla_available() else "chunked"
+        return "fla" if use_kernels(device, kernels) and fla_available() else "chunked"
     if backend == "fla":
         if device.type != "cuda":
             raise RuntimeError("LAWCAT backend 'fla' needs CUDA tensors; use 'chunked' or 'reference' on CPU")
@@ -61,28 +58,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def fla_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``chunk_gla`` with petl's conventions (scale 1, float32 gate and state).
-
-    v is zero-padded to a multiple of 16 columns (the LAWCAT value carries a ones column, so
-    V = head_dim + 1) and the padding is cut off again; the padded columns of the state are 0.
-    """
-    chunk_gla = _fla_chunk_gla()
+    """``chunk_gla`` on any value width (the PyTorch path's ``[v, 1]``): v is zero-padded to a
+    multiple of 16 columns and the padding cut off again; the padded state columns stay 0."""
     V = v.shape[-1]
     pad = (-V) % 16
     if pad:
         v = torch.nn.functional.pad(v, (0, pad))
         if initial_state is not None:
             initial_state = torch.nn.functional.pad(initial_state, (0, pad))
-    if initial_state is not None:
-        initial_state = initial_state.float()
-    o, state = chunk_gla(q, k, v.to(q.dtype), g.float(), scale=1.0, initial_state=initial_state,
-                         output_final_state=True)
+    o, state = fla_chunk_gla(q, k, v, g, initial_state, output_final_state=True)
     return o[..., :V], state[..., :V]
 
 
 def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
         initial_state: torch.Tensor | None = None, backend: str = "auto",
-        chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk_size: int = 64, kernels: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated linear attention ``o_t = q_t^T S_t``, ``S_t = Diag(exp g_t) S_{t-1} + k_t v_t^T``.
 
     Args:
@@ -92,6 +82,7 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
         initial_state (torch.Tensor, Optional): ``[B, H, F, V]``. Default: zeros.
         backend (str): ``auto`` | ``reference`` | ``chunked`` | ``fla`` (see module doc).
         chunk_size (int): chunk length of the chunked form. Default: 64.
+        kernels (str, Optional): ``LawcatConfig.kernels`` for the ``auto`` rule.
 
     Returns:
         ``(o [B, T, H, V], final_state [B, H, F, V])``: o in float32/float64 from the reference
@@ -99,7 +90,7 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     """
     if q.shape[1] == 1:
         return naive_recurrent_gla(q, k, v, g, initial_state)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, kernels)
     if name == "reference":
         return naive_recurrent_gla(q, k, v, g, initial_state)
     if name == "chunked":

@@ -1,0 +1,98 @@
+"""LAWCAT's fused prefill/training path: petl's Triton kernels around a GLA core.
+
+The PyTorch path (attention.py) spends most of its time outside the GLA core: the conv, the
+Hedgehog feature map and the gate run as about thirty float32 elementwise passes, and the ones
+column makes the core's value width d + 1 (fla pads it to d + 16). The fused path computes
+
+1. ``phi_q, phi_k`` with :func:`~petl.linear.kernel_features.conv_feature_map` (one pass each);
+2. the gate logits with the gate's two small Linear layers (``GlaGate.logits``);
+3. the float32 log gate g and the normaliser ``den_t = phi_q_t . z_t`` with
+   :func:`~petl.linear.kernel_normaliser.gate_normaliser` (one pass over phi_q, phi_k, logits);
+4. the numerator over v alone (V = d) with the GLA core: fla's ``chunk_gla`` or petl's chunked
+   PyTorch form;
+5. ``o = num / (den + eps)`` with :func:`~petl.linear.kernel_normaliser.normalise`.
+
+It computes the same function as the PyTorch path (tests/test_lawcat_kernels.py checks outputs,
+gradients and cache continuation against it). Dispatch (:func:`use_fused`): no sliding window,
+a ``fla`` or ``chunked`` core, a bf16/fp16/fp32 model, more than one new token, and petl's
+kernel switch on for the device (``LawcatConfig.kernels`` > ``PETL_KERNELS`` > auto = CUDA with
+Triton).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.switch import use_kernels
+from .chunked import chunked_gla
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def use_fused(config, device: torch.device, dtype: torch.dtype, core: str, num_tokens: int) -> bool:
+    """Whether a LAWCAT forward with these settings runs the fused Triton path."""
+    if config.window_size > 0 or core not in ("fla", "chunked") or dtype not in _DTYPES or num_tokens < 2:
+        return False
+    return use_kernels(device, config.kernels)
+
+
+def _new_conv_state(x: torch.Tensor, state: torch.Tensor | None, K: int) -> torch.Tensor:
+    """The last K-1 inputs ``[B, C, K-1]`` after appending ``x [B, T, C]`` to ``state``."""
+    B, T, C = x.shape
+    tail = x[:, -(K - 1):].transpose(1, 2) if K > 1 else x[:, :0].transpose(1, 2)
+    if T >= K - 1:
+        return tail.contiguous()
+    prev = state.to(x.dtype) if state is not None else x.new_zeros(B, C, K - 1)
+    return torch.cat([prev, tail], dim=-1)[..., -(K - 1):].contiguous()
+
+
+def fused_attend(layer, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 valid: torch.Tensor | None, layer_cache, core: str, blocks: dict | None = None
+                 ) -> torch.Tensor:
+    """Normalised LAWCAT attention of ``layer`` (a LawcatAttention) on projected q/k/v.
+
+    Args:
+        x (torch.Tensor): hidden states ``[B, T, hidden]`` (the gate's input).
+        q (torch.Tensor): ``[B, T, H, d]``; k, v ``[B, T, H_kv, d]``.
+        valid (torch.Tensor, Optional): ``[B, T]`` bool, False at padding.
+        layer_cache (LawcatCacheLayer, Optional): continued and updated in place.
+        core (str): ``"fla"`` or ``"chunked"``.
+        blocks (dict, Optional): kernel block sizes (tests).
+
+    Returns:
+        ``[B, T, H, d]`` in x's dtype.
+    """
+    from .fla_backend import fla_chunk_gla
+    from .kernel_features import conv_feature_map
+    from .kernel_normaliser import gate_normaliser, normalise
+
+    cfg = layer.lawcat_config
+    blocks = blocks or {}
+    B, T, H, d = q.shape
+    G = layer.num_key_value_groups
+    k_rep = k.repeat_interleave(G, dim=2) if G > 1 else k
+    v_rep = v.repeat_interleave(G, dim=2) if G > 1 else v
+    if valid is not None:  # where, not multiply: padded rows may hold NaN (eager softmax)
+        m = valid[:, :, None, None]
+        q, k_rep, v_rep = (torch.where(m, t, torch.zeros_like(t)) for t in (q, k_rep, v_rep))
+    conv = layer_cache.conv_states if layer_cache is not None else {}
+    xq, xk = q.reshape(B, T, H * d), k_rep.reshape(B, T, H * d)
+    fm_q = layer.lawcat_feature_map_q
+    fm_k = layer.lawcat_feature_map_k or fm_q
+    phi_q = conv_feature_map(xq, layer.lawcat_conv_q.weight, fm_q.weight, conv.get("q"), None, blocks)
+    phi_k = conv_feature_map(xk, layer.lawcat_conv_k.weight, fm_k.weight, conv.get("k"), valid, blocks)
+    logits = layer.lawcat_gate.logits(x)                                     # [B, T, H_kv, 2f]
+    state0 = layer_cache.recurrent_state if layer_cache is not None else None
+    S0, z0 = (state0[..., :d], state0[..., d]) if state0 is not None else (None, None)
+    g, den, zT = gate_normaliser(logits, phi_q, phi_k, z0, layer.lawcat_gate.normalizer, valid,
+                                 **({"block_t": blocks["norm"]} if "norm" in blocks else {}))
+    if core == "fla":
+        num, S = fla_chunk_gla(phi_q, phi_k, v_rep, g, S0, output_final_state=layer_cache is not None)
+    else:
+        num, S = chunked_gla(phi_q, phi_k, v_rep, g, S0, chunk_size=cfg.chunk_size)
+    o = normalise(num, den, cfg.eps, x.dtype)
+    if layer_cache is not None:
+        K = cfg.conv_size
+        layer_cache.update_state(T, {"q": _new_conv_state(xq, conv.get("q"), K),
+                                     "k": _new_conv_state(xk, conv.get("k"), K)},
+                                 torch.cat([S.float(), zT[..., None]], dim=-1), {})
+    return o

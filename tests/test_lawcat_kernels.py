@@ -1,0 +1,330 @@
+"""LAWCAT's fused Triton kernels (petl/linear/kernel_*.py, fused.py) against PyTorch references.
+
+On CPU the kernels run in Triton's interpreter: ``test_kernels_under_triton_interpreter`` starts
+a child pytest of this file with ``TRITON_INTERPRET=1`` (set before Triton is imported there, so
+no other test module sees it) and the ``child`` tests run inside it. With ``-m gpu`` the same
+checks run compiled on CUDA, in bf16 and at larger shapes.
+
+Tolerance rule (STYLE.md §7): each output/gradient of a kernel, and the same quantity from the
+PyTorch path at the same precision, are compared with a float64 reference by relative L2 error;
+the kernel must satisfy ``err_kernel <= 2 * err_torch (+ eps_float32 for float32 results)``. The
+``eps`` term (one float32 unit, added only where the compared result is float32: g, den, z_T,
+float32 layers) matters only there, where both errors are rounding noise of a few 1e-8 and their
+ratio is meaningless.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CHILD_ENV = "PETL_LAWCAT_TRITON_CHILD"
+IN_CHILD = os.environ.get(CHILD_ENV) == "1"
+child = pytest.mark.skipif(not IN_CHILD, reason="runs inside the TRITON_INTERPRET=1 child of "
+                                                "test_kernels_under_triton_interpreter")
+HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+os.environ.setdefault("PETL_FLA_TUNING", "short")  # fla's first call compiles ~15 configs, not ~300
+
+
+@pytest.mark.skipif(IN_CHILD or not HAS_TRITON, reason="parent of the interpreter run / no triton")
+def test_kernels_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_ENV: "1"})
+    env.pop("PETL_KERNELS", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=900,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert int(summary.split(" passed")[0].split()[-1]) >= 8, summary
+
+
+# ----------------------------------------------------------------------------- helpers
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _check(name: str, kernel: torch.Tensor, torch_same: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    assert torch.isfinite(kernel).all(), f"{name}: non-finite values (unwritten output?)"
+    ek, et = _rel(kernel, ref), _rel(torch_same, ref)
+    bound = 2 * et + (torch.finfo(torch.float32).eps if kernel.dtype == torch.float32 else 0.0)
+    assert ek <= bound, f"{name}: kernel error {ek:.3g} > 2 x torch error {et:.3g} + eps"
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every kernel output starts as NaN, so an unwritten element fails the finiteness checks."""
+    from petl.linear import kernel_features, kernel_normaliser
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernel_features, "_empty", nan_empty)
+    monkeypatch.setattr(kernel_normaliser, "_empty", nan_empty)
+
+
+def _gate_inputs(B, T, H, Hkv, K, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x = mk(B, T, Hkv, K) * 3
+    q, k = mk(B, T, H, K).softmax(-1), mk(B, T, H, K).softmax(-1)
+    z0 = mk(B, H, K).abs()
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[-1, : max(1, T // 7)] = False
+    return [t.to(device) for t in (x, q, k, z0, valid)]
+
+
+def _gate_reference(x, q, k, z0, valid, normalizer):
+    """g, den, z_T from the recurrent reference with a ones column (naive.py)."""
+    from petl.linear.naive import naive_recurrent_gla
+
+    B, T, H, K = q.shape
+    G = H // x.shape[2]
+    g = (F.logsigmoid(x.to(torch.promote_types(x.dtype, torch.float32))) / normalizer).repeat_interleave(G, dim=2)
+    g = torch.where(valid[:, :, None, None], g, torch.zeros_like(g))
+    ones = torch.ones(B, T, H, 1, dtype=q.dtype, device=q.device)
+    o, s = naive_recurrent_gla(q, k, ones, g, z0[..., None])
+    return g, o[..., 0].transpose(1, 2), s[..., 0]
+
+
+def _run_gate_normaliser(device, dtype, B, T, H, Hkv, K, block_t):
+    from petl.linear.kernel_normaliser import gate_normaliser
+
+    x, q, k, z0, valid = _gate_inputs(B, T, H, Hkv, K, device)
+    x, q, k = (t.to(dtype).double() for t in (x, q, k))  # the reference sees the rounded inputs
+    ref_in = [t.clone().requires_grad_() for t in (x, q, k, z0)]
+    ref = _gate_reference(*ref_in, valid, 16.0)
+    low = [x.to(dtype), q.to(dtype), k.to(dtype), z0.float()]
+    tin = [t.clone().requires_grad_() for t in low]
+    same = _gate_reference(*tin, valid, 16.0)
+    kin = [t.clone().requires_grad_() for t in low]
+    out = gate_normaliser(*kin, 16.0, valid, block_t=block_t)
+    ups = [torch.randn_like(r) for r in ref]
+    loss = lambda outs: sum((o.double() * u).sum() for o, u in zip(outs, ups))  # noqa: E731
+    g_ref = torch.autograd.grad(loss(ref), ref_in)
+    g_same = torch.autograd.grad(loss(same), tin)
+    g_k = torch.autograd.grad(loss(out), kin)
+    for name, a, b, r in zip(("g", "den", "z_T"), out, same, ref):
+        _check(name, a, b, r, dtype)
+    for name, a, b, r in zip(("dx", "dq", "dk", "dz0"), g_k, g_same, g_ref):
+        _check(name, a, b, r, dtype)
+
+
+def _run_division(device, dtype, B, T, H, V, block_t):
+    from petl.linear.kernel_normaliser import normalise
+
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    num = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64).to(dtype).double().to(device)
+    den = (torch.rand(B, H, T, generator=gen, dtype=torch.float64) + 0.3).to(device)
+    r_in = [num.clone().requires_grad_(), den.clone().requires_grad_()]
+    s_in = [num.to(dtype).requires_grad_(), den.float().requires_grad_()]
+    k_in = [t.detach().clone().requires_grad_() for t in s_in]
+    f = lambda n, d: (n.to(torch.promote_types(n.dtype, torch.float32)) / (d.transpose(1, 2)[..., None] + 1e-10))  # noqa: E731
+    ref, same = f(*r_in), f(*s_in).to(dtype)
+    out = normalise(*k_in, 1e-10, dtype, block_t=block_t)
+    do = torch.randn_like(ref)
+    _check("o", out, same, ref, dtype)
+    for name, a, b, r in zip(("dnum", "dden"), torch.autograd.grad((out.double() * do).sum(), k_in),
+                             torch.autograd.grad((same.double() * do).sum(), s_in),
+                             torch.autograd.grad((ref * do).sum(), r_in)):
+        _check(name, a, b, r, dtype)
+
+
+def _run_conv_feature_map(device, dtype, B, T, H, D, Fh, KS, blocks):
+    from petl.linear.kernel_features import conv_feature_map
+
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x, cw, fw, state = mk(B, T, H * D), mk(H * D, 1, KS) * 0.5, mk(H, D, Fh) * 0.6, mk(B, H * D, KS - 1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, :3] = False
+    x, cw, fw, state = (t.to(dtype).double() for t in (x, cw, fw, state))  # rounded inputs for all
+    x, cw, fw, state, valid = (t.to(device) for t in (x, cw, fw, state, valid))
+
+    def torch_path(x, cw, fw):  # CausalDepthwiseConv + HedgehogFeatureMap, as in attention.py
+        full = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)
+        u = F.conv1d(full, cw.to(x.dtype), groups=H * D).transpose(1, 2).reshape(B, T, H, D)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        z = torch.einsum("bthd,hdf->bthf", u.to(dt), fw.to(dt))
+        phi = torch.cat([z.softmax(-1), (-z).softmax(-1)], -1).clamp_min(1e-12).to(x.dtype)
+        return torch.where(valid[:, :, None, None], phi, torch.zeros_like(phi))
+
+    r_in = [t.clone().requires_grad_() for t in (x, cw, fw)]
+    s_in = [t.to(dtype).requires_grad_() for t in (x, cw, fw)]
+    k_in = [t.detach().clone().requires_grad_() for t in s_in]
+    ref, same = torch_path(*r_in), torch_path(*s_in)
+    out = conv_feature_map(k_in[0], k_in[1], k_in[2], state.to(dtype), valid, blocks)
+    _check("phi", out, same, ref, dtype)
+    dphi = torch.randn_like(ref)
+    for name, a, b, r in zip(("dx", "dconv_w", "dfm_w"), torch.autograd.grad((out.double() * dphi).sum(), k_in),
+                             torch.autograd.grad((same.double() * dphi).sum(), s_in),
+                             torch.autograd.grad((ref * dphi).sum(), r_in)):
+        _check(name, a, b, r, dtype)
+
+
+def _tiny_layer(device, H=2, Hkv=1, d=16, **cfg):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from petl.linear import LawcatAttention, LawcatConfig
+
+    lcfg = LlamaConfig(hidden_size=H * d, num_attention_heads=H, num_key_value_heads=Hkv, head_dim=d,
+                       num_hidden_layers=1, intermediate_size=32)
+    torch.manual_seed(0)
+    base = LlamaAttention(lcfg, layer_idx=0).double()
+    layer = LawcatAttention(base, LawcatConfig(conv_init="random", feature_map_init="random", **cfg)).to(device)
+    with torch.no_grad():  # move the gate and maps away from their identity/constant inits
+        layer.lawcat_gate.up.weight.normal_(0, 0.5)
+        layer.lawcat_gate.up.bias.normal_(0, 1)
+    return lcfg, layer
+
+
+def _layer_outputs(layer, dtype, x, mask, kernels, backend, dy):
+    layer.to(dtype)
+    layer.lawcat_config.kernels, layer.lawcat_config.backend = kernels, backend
+    xi = x.to(dtype).clone().requires_grad_()
+    o, _ = layer(xi, position_embeddings=None, attention_mask=mask)
+    params = [p for n, p in layer.named_parameters() if "lawcat_" in n]
+    grads = torch.autograd.grad((o.double() * dy).sum(), [xi] + params)
+    names = ["x"] + [n for n, p in layer.named_parameters() if "lawcat_" in n]
+    return o.detach(), dict(zip(names, grads))
+
+
+def _run_layer(device, dtype, B, T, backend, blocks, monkeypatch):
+    """Fused path (kernels on) vs the PyTorch path at the same dtype, both vs float64."""
+    import petl.linear.attention as attention
+
+    if blocks:
+        real = attention.fused_attend
+        monkeypatch.setattr(attention, "fused_attend", lambda *a: real(*a, blocks=blocks))
+    _, layer = _tiny_layer(device, chunk_size=16, **({"H": 4, "Hkv": 2, "d": 128} if device == "cuda" else {}))
+    layer.to(dtype).double()  # every path sees the same (rounded) parameters and inputs
+    hidden = layer.q_proj.in_features
+    x = torch.randn(B, T, hidden, dtype=torch.float64, device=device).to(dtype).double()
+    mask = torch.ones(B, T, dtype=torch.long, device=device)
+    mask[-1, :4] = 0
+    dy = torch.randn(B, T, hidden, dtype=torch.float64, device=device)
+    ref, g_ref = _layer_outputs(layer, torch.float64, x, mask, "off", "reference", dy)
+    same, g_same = _layer_outputs(layer, dtype, x, mask, "off", "chunked", dy)
+    out, g_out = _layer_outputs(layer, dtype, x, mask, "on", backend, dy)
+    _check("layer output", out, same, ref, dtype)
+    for name in g_ref:
+        _check(f"grad {name}", g_out[name], g_same[name], g_ref[name], dtype)
+
+
+def _run_cache_continuation(device, dtype, backend):
+    from petl.linear import LawcatCache
+
+    lcfg, layer = _tiny_layer(device, chunk_size=16, backend=backend, kernels="on")
+    layer.to(dtype)
+    x = torch.randn(2, 19, layer.q_proj.in_features, device=device, dtype=dtype)
+    with torch.no_grad():
+        full, _ = layer(x, position_embeddings=None)
+        cache = LawcatCache(lcfg, [0])
+        pieces = [layer(x[:, a:b], position_embeddings=None, past_key_values=cache)[0]
+                  for a, b in [(0, 9), (9, 10), (10, 12), (12, 19)]]  # prefill, decode step, pieces
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=2e-5 if dtype == torch.float32 else 2e-2,
+                               atol=2e-5 if dtype == torch.float32 else 2e-2)
+    assert cache.get_seq_length() == 19
+
+
+# ----------------------------------------------------------------------------- CPU (interpreter child)
+@child
+@pytest.mark.parametrize("shape", [(1, 21, 2, 1, 20, 16), (2, 16, 2, 2, 16, 16)], ids=["gqa-odd", "one-block"])
+def test_gate_normaliser_interpreted(shape, poison):
+    B, T, H, Hkv, K, bt = shape
+    _run_gate_normaliser("cpu", torch.float32, B, T, H, Hkv, K, bt)
+
+
+@child
+def test_division_interpreted(poison):
+    _run_division("cpu", torch.float32, 2, 21, 3, 17, 16)  # V=17: masked columns
+
+
+@child
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_conv_feature_map_interpreted(dtype, poison):
+    _run_conv_feature_map("cpu", dtype, 2, 37, 2, 24, 12, 4, {"fwd": 16, "bwd": 16, "conv": 16})  # d, f not 2^n
+
+
+@child
+def test_fused_layer_matches_pytorch_path_interpreted(poison, monkeypatch):
+    _run_layer("cpu", torch.float32, 2, 19, "chunked", {"fwd": 16, "bwd": 16, "conv": 16, "norm": 16}, monkeypatch)
+
+
+@child
+def test_fused_layer_cache_continuation_interpreted():
+    _run_cache_continuation("cpu", torch.float32, "chunked")
+
+
+@child
+def test_dispatch_uses_fused_path(monkeypatch):
+    import petl.linear.attention as attention
+
+    calls = []
+    real = attention.fused_attend
+    monkeypatch.setattr(attention, "fused_attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, layer = _tiny_layer("cpu", backend="chunked", kernels="on")
+    layer.float()
+    x = torch.randn(1, 5, layer.q_proj.in_features)
+    layer(x, position_embeddings=None)
+    assert calls == [1]
+    layer.lawcat_config.kernels = "off"
+    layer(x, position_embeddings=None)
+    layer.lawcat_config.kernels, layer.lawcat_config.window_size = "on", 2
+    with pytest.raises(ValueError, match="position_embeddings"):  # windowed mode stays on the PyTorch path
+        layer(x, position_embeddings=None)
+    assert calls == [1]
+
+
+# ----------------------------------------------------------------------------- GPU (compiled)
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 1000, 8, 2, 128, 128), (1, 77, 4, 4, 64, 128)], ids=["gqa", "short"])
+def test_cuda_gate_normaliser(shape, poison):
+    B, T, H, Hkv, K, bt = shape
+    _run_gate_normaliser("cuda", torch.bfloat16, B, T, H, Hkv, K, bt)
+
+
+@pytest.mark.gpu
+def test_cuda_division(poison):
+    _run_division("cuda", torch.bfloat16, 2, 1001, 4, 128, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [(4, 128, 64), (3, 80, 40)], ids=["d128", "d80"])
+def test_cuda_conv_feature_map(dims, poison):
+    H, D, Fh = dims
+    _run_conv_feature_map("cuda", torch.bfloat16, 2, 999, H, D, Fh, 4, {})
+
+
+@pytest.mark.gpu
+def test_cuda_fused_layer_chunked_core(poison, monkeypatch):
+    _run_layer("cuda", torch.bfloat16, 2, 333, "chunked", {}, monkeypatch)
+
+
+@pytest.mark.gpu
+def test_cuda_fused_layer_cache_continuation():
+    _run_cache_continuation("cuda", torch.float32, "chunked")
+
+
+def _fla_available() -> bool:
+    from petl.linear.fla_backend import fla_available
+
+    return torch.cuda.is_available() and fla_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fla_available(), reason="flash-linear-attention not installed")
+def test_cuda_fused_layer_fla_core(poison, monkeypatch):
+    """The whole fast path (petl kernels + fla chunk_gla) vs float64, against the bf16 PyTorch path."""
+    _run_layer("cuda", torch.bfloat16, 2, 333, "fla", {}, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fla_available(), reason="flash-linear-attention not installed")
+def test_cuda_fused_layer_fla_cache_continuation():
+    _run_cache_continuation("cuda", torch.bfloat16, "fla")
