@@ -91,8 +91,9 @@ class AttentionSection:
     group_size: a fixed group size in tokens instead (LongLoRA's SFT setting); overrides group_ratio.
     cyclic: S2 only: LongLoRA's roll with wrap-around (paper parity) instead of non-cyclic segments.
     n_sink, shift_head_fraction, sink_bidirectional: SF-Attn options.
-    backend: ``auto`` picks FlexAttention on CUDA and the reference elsewhere; ``varlen`` is
-        torch's flash varlen path (non-cyclic S2 only).
+    backend: ``auto`` picks the fastest backend that supports the batch on CUDA (``grouped``:
+        fused causal SDPA per segment, unpadded rows; ``triton``: petl's kernel; ``flex``) and the
+        reference elsewhere; ``varlen`` is torch's flash varlen path (non-cyclic S2 only).
     """
 
     pattern: Literal["full", "s2", "sf"] = "full"
@@ -102,7 +103,7 @@ class AttentionSection:
     n_sink: int = 4
     shift_head_fraction: float = 0.5
     sink_bidirectional: bool = False
-    backend: Literal["auto", "reference", "flex", "varlen"] = "auto"
+    backend: Literal["auto", "reference", "flex", "varlen", "grouped", "triton"] = "auto"
 
     def __post_init__(self) -> None:
         if self.group_size is not None:
@@ -171,7 +172,13 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    """Optimisation (passed to ``transformers.TrainingArguments``)."""
+    """Optimisation (passed to ``transformers.TrainingArguments``).
+
+    kernels: petl's fused LoRA training kernels (docs/kernels.md) for Llama/Mistral/Qwen2 models:
+        ``auto`` uses them on CUDA and peft's unfused path elsewhere (other model types train
+        unfused), ``on`` requires them (an unsupported model is an error), ``off`` never. ``on``
+        and ``off`` override ``$PETL_KERNELS``; ``auto`` defers to it.
+    """
 
     max_steps: int = 100
     batch_size: int = 1
@@ -198,6 +205,7 @@ class TrainSection:
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.save_steps >= 0, "train.save_steps", self.save_steps, "must be >= 0 (0 = only at the end)")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.kernels in ("auto", "on", "off"), "train.kernels", self.kernels, "choose one of: auto, on, off")
 
 
 @dataclass

@@ -182,6 +182,30 @@ def apply_adapter_section(model, recipe: Recipe, dataset=None, tokenizer=None):
     return peft_model
 
 
+def apply_kernels(model, recipe: Recipe):
+    """Put petl's fused LoRA kernels into the model (``train.kernels``; docs/kernels.md).
+
+    Called after the adapter is applied. ``auto`` fuses supported model types (the fused modules
+    still run peft's path on CPU); ``on`` turns an unsupported model or device into an error.
+    """
+    from petl.kernels.switch import kernel_mode, use_kernels
+
+    mode = kernel_mode(recipe.train.kernels)
+    if mode == "off":
+        return model
+    from petl.kernels.fuse import SUPPORTED, fuse_lora
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in SUPPORTED and mode == "auto":
+        return model
+    try:
+        if mode == "on":
+            use_kernels(next(base.parameters()).device, "on")
+        return fuse_lora(model, kernels=recipe.train.kernels)
+    except (ValueError, RuntimeError) as exc:
+        raise RecipeError(f"train.kernels={recipe.train.kernels}: {exc}") from None
+
+
 def build_train_dataset(recipe: Recipe, tokenizer, block_size: int):
     from petl.data import build_sft_dataset, load_text_dataset, pack_for_causal_lm
 
@@ -306,6 +330,7 @@ def run_causal_lm_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, A
     _echo(f"[petl] {len(dataset)} training examples of {block_size} tokens")
 
     model = apply_adapter_section(model, recipe, dataset, tokenizer)
+    model = apply_kernels(model, recipe)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     metrics["trainable_parameters"], metrics["total_parameters"] = trainable, total

@@ -1,0 +1,197 @@
+"""``fuse_lora(model)``: put petl's fused LoRA training kernels into a loaded Llama-family model.
+
+Mechanism (no transformers/peft globals are touched): each ``LlamaAttention`` / ``LlamaMLP`` /
+``LlamaRMSNorm`` *instance* (and the Mistral/Qwen2 equivalents) is replaced in its parent by an
+instance of a subclass whose ``forward`` is fused (:mod:`petl.kernels.lora_modules`). The new
+instance keeps the same children, parameters, buffers and attributes, and the class keeps its
+name, so state-dict keys, ``save_pretrained``/``from_pretrained``, ``merge_and_unload`` and
+``config.architectures`` are unchanged. peft's LoRA layers stay where they are; the fused forwards
+read their factors. The loss path uses three forward hooks (public PyTorch API): the top-level
+module's pre-hook takes ``labels`` out of the call, the lm_head's pre-hook keeps its input and lets
+it produce zero-length logits, and the top-level post-hook computes the fused linear
+cross-entropy (:mod:`petl.kernels.cross_entropy`) and returns the output with that loss and
+``logits=None``. So the ``[tokens, vocab]`` logits never exist while training.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import weakref
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from petl.kernels.cross_entropy import IGNORE_INDEX, causal_lm_loss
+from petl.kernels.lora_modules import FusedAttention, FusedRMSNorm, FusedSwiGLUMLP, kernel_plan
+from petl.kernels.switch import KERNEL_MODES
+
+#: model_type -> (modeling module, attention class, MLP class, RMSNorm class)
+SUPPORTED = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralAttention", "MistralMLP", "MistralRMSNorm"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
+}
+_STATE = "_petl_fused"
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _fused_class(base: type, mixin: type) -> type:
+    """``class <base.__name__>(mixin, base)``, cached (same name: checkpoints and configs stay as they were)."""
+    key = (base, mixin)
+    if key not in _CLASSES:
+        attrs = {"__module__": __name__, "__qualname__": base.__qualname__, "_petl_base": base}
+        if mixin is FusedAttention:
+            attrs["_petl_eager"] = staticmethod(importlib.import_module(base.__module__).eager_attention_forward)
+        _CLASSES[key] = type(base.__name__, (mixin, base), attrs)
+    return _CLASSES[key]
+
+
+def _rebuild(module: nn.Module, cls: type) -> nn.Module:
+    """A new instance of ``cls`` sharing ``module``'s children, parameters, buffers and attributes."""
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        state[key] = copy.copy(state[key])
+    new.__dict__.update(state)
+    return new
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def fuse_lora(model: nn.Module, kernels: Optional[str] = None, *, triton: Optional[bool] = None,
+              fused_loss: bool = True, mlp_recompute: Optional[bool] = None) -> nn.Module:
+    """Switch a Llama/Mistral/Qwen2 causal LM (or a peft ``PeftModel`` of one) to petl's fused kernels.
+
+    Args:
+        model (nn.Module): the object you call in training (``PeftModel`` or ``PreTrainedModel``);
+            the loss hooks go on it, so calling an inner module skips the fused loss (not the
+            fused layers).
+        kernels (str, Optional): ``auto`` (fused on CUDA, peft's unfused path elsewhere), ``on``,
+            ``off``; None reads ``$PETL_KERNELS``. Decided per call from the input's device.
+        triton (bool, Optional): False runs RMSNorm/RoPE/SwiGLU/cross-entropy in PyTorch inside the
+            fused LoRA functions (debugging; any device with ``kernels="on"``). Default: Triton
+            where it can run.
+        fused_loss (bool): compute the training loss with the fused linear cross-entropy
+            (``logits`` is then None in training outputs). Default: True.
+        mlp_recompute (bool, Optional): recompute gate/up in the MLP backward (saves
+            ``2 * intermediate_size`` activations per token); None: only in layers that gradient
+            checkpointing does not replay.
+
+    Returns:
+        ``model``, modified in place (undo with :func:`unfuse_lora`).
+
+    Example:
+        >>> model = fuse_lora(get_peft_model(model, LoraConfig(r=16, target_modules="all-linear")))
+    """
+    if kernels not in (None,) + KERNEL_MODES:
+        raise ValueError(f"fuse_lora: kernels={kernels!r} is not a kernel mode; use one of {KERNEL_MODES}")
+    base = _base_model(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"fuse_lora supports {', '.join(SUPPORTED)} models, not {model_type!r}; "
+                         "train it with train.kernels=off (peft's unfused path)")
+    if getattr(base, _STATE, None) is not None:
+        unfuse_lora(model)
+    module_path, *names = SUPPORTED[model_type]
+    classes = [getattr(importlib.import_module(module_path), n) for n in names]
+    mixins = dict(zip(classes, (FusedAttention, FusedSwiGLUMLP, FusedRMSNorm)))
+    swaps = [(name, m) for name, m in base.named_modules() if type(m) in mixins and "forward" not in m.__dict__]
+    owners = {id(child): parent for parent in base.modules() for child in parent.children()}
+    for name, module in swaps:
+        new = _rebuild(module, _fused_class(type(module), mixins[type(module)]))
+        new._petl_kernels, new._petl_triton = kernels, triton
+        if isinstance(new, FusedSwiGLUMLP):
+            new._petl_recompute = mlp_recompute
+            owner = owners.get(id(module))
+            new._petl_owner = weakref.ref(owner) if owner is not None else None
+        _swap(base, name, new)
+    hooks = _install_loss_hooks(model, base, kernels, triton) if fused_loss else []
+    setattr(base, _STATE, {"modules": [n for n, _ in swaps], "hooks": hooks})
+    return model
+
+
+def unfuse_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`fuse_lora`: original module classes back, loss hooks removed."""
+    base = _base_model(model)
+    state = getattr(base, _STATE, None)
+    if state is None:
+        return model
+    for name in state["modules"]:
+        module = base.get_submodule(name)
+        if hasattr(type(module), "_petl_base"):
+            _swap(base, name, _rebuild(module, type(module)._petl_base))
+    for handle in state["hooks"]:
+        handle.remove()
+    delattr(base, _STATE)
+    return model
+
+
+def is_fused(model: nn.Module) -> bool:
+    """True when :func:`fuse_lora` has been applied to ``model`` (and not undone)."""
+    return getattr(_base_model(model), _STATE, None) is not None
+
+
+class _LossCall:
+    """State of one training forward between the hooks (labels in, hidden states captured)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.labels = self.shift_labels = self.num_items = self.hidden = None
+        self.use_triton = True
+
+
+def _install_loss_hooks(top: nn.Module, base: nn.Module, kernels: Optional[str], triton: Optional[bool]) -> list:
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or getattr(base.config, "final_logit_softcapping", None):
+        return []  # a wrapped (peft) or biased head keeps transformers' loss
+    call = _LossCall()
+
+    def top_pre(module, args, kwargs):
+        call.reset()
+        labels = kwargs.get("labels")
+        if (labels is None or not module.training or not torch.is_grad_enabled() or kwargs.get("return_dict") is False
+                or kwargs.get("logits_to_keep") not in (None, 0)):
+            return None
+        fused, use_triton = kernel_plan(head.weight.device, kernels, triton)
+        if not fused:
+            return None
+        kwargs = dict(kwargs)
+        call.labels = kwargs.pop("labels")
+        call.shift_labels = kwargs.pop("shift_labels", None)
+        call.num_items = kwargs.get("num_items_in_batch")
+        call.use_triton = use_triton
+        return args, kwargs
+
+    def head_pre(module, args):
+        if call.labels is None or call.hidden is not None or len(args) != 1:
+            return None
+        call.hidden = args[0]
+        return (args[0][..., :0, :],)  # zero-length logits; the loss is computed from the hidden states
+
+    def top_post(module, args, kwargs, output):
+        if call.labels is None:
+            return None
+        hidden, labels, shift, num_items, use_triton = (call.hidden, call.labels, call.shift_labels, call.num_items,
+                                                        call.use_triton)
+        call.reset()
+        if hidden is None:
+            raise RuntimeError("petl fused loss: the model's lm_head was not called; "
+                               "use fuse_lora(..., fused_loss=False)")
+        loss = causal_lm_loss(hidden, head.weight, labels, shift_labels=shift, num_items_in_batch=num_items,
+                              ignore_index=IGNORE_INDEX, use_triton=use_triton)
+        fields: dict[str, Any] = {k: v for k, v in output.items() if k not in ("loss", "logits")}
+        return type(output)(loss=loss, logits=None, **fields)
+
+    return [top.register_forward_pre_hook(top_pre, with_kwargs=True),
+            head.register_forward_pre_hook(head_pre),
+            top.register_forward_hook(top_post, with_kwargs=True)]

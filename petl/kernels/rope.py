@@ -1,0 +1,99 @@
+"""Rotary position embedding of q and k, one Triton pass each way, saving only cos/sin.
+
+transformers' ``apply_rotary_pos_emb`` is ``x * cos + rotate_half(x) * sin`` with
+``rotate_half(x) = cat(-x2, x1)``. Written per half (x = [x1, x2], cos = [c1, c2], sin = [s1, s2]):
+``o1 = x1 c1 - x2 s1``, ``o2 = x2 c2 + x1 s2``. The map is linear in x; its transpose gives the
+backward: ``d1 = g1 c1 + g2 s2``, ``d2 = g2 c2 - g1 s1``. No assumption that the halves of cos/sin
+are equal is needed. Layout here is the projections' natural one, ``[B, L, H, D]``.
+"""
+from __future__ import annotations
+
+import torch
+
+from petl.kernels._triton import tl, triton
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' rotation on ``[B, L, H, D]`` tensors; cos/sin ``[B or 1, L, D]``."""
+    def rot(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return q * c + rot(q) * s, k * c + rot(k) * s
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, seq_len, n_heads, sxb, sxl, sxh, sob, sol, soh, scb, scl,
+                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+        t = tl.program_id(0)
+        b = (t // seq_len).to(tl.int64)
+        pos = (t % seq_len).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)[None, :]
+        h = tl.arange(0, BLOCK_H)[:, None]
+        dmask = d < HALF
+        mask = (h < n_heads) & dmask
+        cbase = b * scb + pos * scl
+        c1 = tl.load(cos_ptr + cbase + d, mask=dmask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + cbase + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + cbase + d, mask=dmask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + cbase + HALF + d, mask=dmask, other=0.0).to(tl.float32)
+        xbase = x_ptr + b * sxb + pos * sxl + h * sxh
+        x1 = tl.load(xbase + d, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xbase + HALF + d, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            o1 = x1 * c1 + x2 * s2
+            o2 = x2 * c2 - x1 * s1
+        else:
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+        obase = out_ptr + b * sob + pos * sol + h * soh
+        tl.store(obase + d, o1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(obase + HALF + d, o2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    bsz, seq, heads, dim = x.shape
+    out = torch.empty((bsz, seq, heads, dim), dtype=x.dtype, device=x.device)
+    half = dim // 2
+    _rope_kernel[(bsz * seq,)](x, cos, sin, out, seq, heads, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
+                               out.stride(1), out.stride(2), cos.stride(0), cos.stride(1), HALF=half,
+                               BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(half),
+                               BACKWARD=backward, num_warps=4)
+    return out
+
+
+class RoPEFunction(torch.autograd.Function):
+    """Rotate q and k (``[B, L, H, D]``) by cos/sin (``[B, L, D]``, possibly expanded); saves cos/sin."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dq, cos, sin, True), _rotate(dk, cos, sin, True), None, None
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_triton: bool = True):
+    """Rotate ``q`` ``[B, L, Hq, D]`` and ``k`` ``[B, L, Hk, D]`` by ``cos``/``sin`` ``[B or 1, L, D]``.
+
+    Returns new ``[B, L, H, D]`` tensors. cos/sin must not need gradients (they come from a
+    rotary-embedding buffer).
+    """
+    if cos.shape[-1] != q.shape[-1] or q.shape[-1] % 2 or cos.shape[-2] != q.shape[1]:
+        raise ValueError(f"apply_rope: cos {tuple(cos.shape)} does not match q {tuple(q.shape)} ([B, L, H, D], even D)")
+    if not use_triton:
+        return rope_reference(q, k, cos, sin)
+    bsz, seq = q.shape[:2]
+    cos = cos.to(q.dtype).expand(bsz, seq, -1)
+    sin = sin.to(q.dtype).expand(bsz, seq, -1)
+    if cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return RoPEFunction.apply(q, k, cos, sin)
