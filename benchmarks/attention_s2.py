@@ -1,4 +1,7 @@
-"""S2-Attn / SF-Attn forward+backward against full causal SDPA.
+"""S2-Attn / SF-Attn forward+backward against full causal SDPA (flex and varlen only).
+
+Superseded by ``benchmarks/attention_kernels.py`` (all backends, forward alone too, K1-K4 rows);
+kept because it also times the flex block-mask build.
 
     python -m benchmarks.attention_s2                       # H200: B=1, H=32, D=128, bf16, 8k/16k/32k
     python -m benchmarks.attention_s2 --lengths 8192 --out /tmp/x.json

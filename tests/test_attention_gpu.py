@@ -1,4 +1,4 @@
-"""GPU: the FlexAttention and varlen paths against the reference (run with `pytest -m gpu`).
+"""GPU: the flex, varlen, grouped and triton paths against the reference (run with `pytest -m gpu`).
 
 The reference is checked against an independent loop-built oracle on CPU
 (test_attention_patterns.py); here it runs on upcast float32 inputs as the truth. Tolerance
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from petl.attention import PatternConfig, sparse_attention
+from petl.attention.dispatch import unsupported_reason
+from petl.attention.layout import layout_for
 from tests.test_attention_oracle import Case, position_ids, transformers_mask
 
 pytestmark = pytest.mark.gpu
@@ -23,6 +25,12 @@ CASES = [
      torch.bfloat16),
     (Case("sf_bidir_packed_d64", "sf", heads=4, kv_heads=2, length=1100, dim=64, docs=[[400, 700]],
           params={"sink_bidirectional": True}), torch.bfloat16),
+]
+
+#: no padding or packing: the layouts the grouped backend runs
+STATIC_CASES = [
+    (Case("s2_static_gqa_d128_odd_L", "s2", heads=8, kv_heads=2, length=1999, dim=128), torch.bfloat16),
+    (Case("sf_static_d64_fp16", "sf", batch=2, heads=8, kv_heads=8, length=1536, dim=64), torch.float16),
 ]
 
 
@@ -64,14 +72,28 @@ def test_flex_matches_reference(case: Case, dtype: torch.dtype) -> None:
     compare(case, dtype, "flex")
 
 
+@pytest.mark.parametrize("backend", ["grouped", "triton"])
+@pytest.mark.parametrize("case,dtype", CASES + STATIC_CASES, ids=[c.name for c, _ in CASES + STATIC_CASES])
+def test_kernel_backends_match_reference(case: Case, dtype: torch.dtype, backend: str) -> None:
+    """grouped and triton on every case they support (each says why it skips the others)."""
+    cfg = PatternConfig.from_params(case.pattern, **case.params)
+    query = torch.empty(case.batch, case.heads, case.length, case.dim, device="cuda", dtype=dtype)
+    mask = transformers_mask(case)
+    layout = layout_for(query, None if mask is None else mask.cuda(), position_ids(case).cuda()).with_groups(cfg)
+    reason = unsupported_reason(backend, cfg, layout, query)
+    if reason is not None:
+        pytest.skip(reason)
+    compare(case, dtype, backend)
+
+
 def test_varlen_matches_reference() -> None:
     case = Case("sf0_varlen", "sf", batch=2, heads=8, kv_heads=2, length=1000, dim=128, pads=[(0, 0), (0, 300)],
                 docs=[[600, 400], [700]], params={"n_sink": 0})
     compare(case, torch.bfloat16, "varlen")
 
 
-def test_model_trains_on_flex() -> None:
-    """A tiny llama on CUDA: the automatic backend is Flex and matches the reference backend."""
+def test_model_trains_on_auto() -> None:
+    """A tiny llama on CUDA: the automatic backend (grouped: no padding) matches the reference backend."""
     from petl.attention import use_attention
     from petl.testing import tiny_causal_lm
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from petl.attention.layout import SequenceLayout
 
 PATTERNS = ("s2", "sf")
-BACKENDS = ("auto", "reference", "flex", "varlen")
+BACKENDS = ("auto", "reference", "flex", "varlen", "grouped", "triton")
 
 #: mask_mod(b, h, q_idx, kv_idx) -> bool tensor; works on broadcast index tensors and in Flex.
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -62,8 +62,10 @@ class PatternConfig:
             query may attend to. Default: 4 for ``sf``, 0 for ``s2``.
         sink_bidirectional (bool): SF only; sink queries also attend to every later token of
             their document (paper-faithful, but leaks the future; warns). Default: False.
-        backend (str): ``"auto"`` (Flex on CUDA, reference elsewhere; ``PETL_ATTENTION_BACKEND``
-            overrides it), ``"reference"``, ``"flex"`` or ``"varlen"``. Default: ``"auto"``.
+        backend (str): ``"auto"`` (on CUDA the fastest backend that supports the call, the
+            reference elsewhere; ``PETL_ATTENTION_BACKEND`` / ``PETL_KERNELS`` override it),
+            ``"reference"``, ``"grouped"``, ``"triton"``, ``"flex"`` or ``"varlen"`` (see
+            :mod:`petl.attention.dispatch`). Default: ``"auto"``.
     """
 
     pattern: str = "s2"
