@@ -32,6 +32,8 @@ _LAZY = {
     "LawcatCache": "petl.linear",
     "run_distill": "petl.distill.runner",
     "load_distilled": "petl.distill.outputs",
+    "fuse_lora": "petl.kernels.fuse",
+    "unfuse_lora": "petl.kernels.fuse",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

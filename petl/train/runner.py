@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -259,10 +258,22 @@ def training_arguments(recipe: Recipe, out: Path, precision: str):
         logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500, save_total_limit=t.save_total_limit, seed=t.seed, data_seed=t.seed,
         report_to="none", remove_unused_columns=False, dataloader_num_workers=t.dataloader_workers,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
+        **_checkpointing_arguments(TrainingArguments, t.gradient_checkpointing),
     )
+
+
+def _checkpointing_arguments(arguments_class: type, enabled: bool) -> dict:
+    """Activation-checkpointing fields under the installed transformers' names.
+
+    transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name
+    warns); 5.17 only knows the old one.
+    """
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 #: task.type -> "module:function" of the runner for tasks other than causal LM training.
