@@ -59,10 +59,7 @@ def audio_adapter_config(recipe: Recipe):
 
 def run_audio_recipe(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     """Run an ``audio_classification`` recipe; returns the metrics written to ``metrics.json``."""
-    from accelerate import PartialState
-
-    from petl.train.recipe_io import recipe_to_yaml
-    from petl.train.runner import _precision, prepare_output_dir, training_arguments
+    from petl.train.runner import start_run
 
     if recipe.task.options:
         raise RecipeError(f"task.options {sorted(recipe.task.options)} are not used by audio_classification; "
@@ -71,14 +68,8 @@ def run_audio_recipe(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     audio_adapter_config(recipe)  # validate before any data or model is loaded
     corpus = load_corpus(section.dataset, section.source, section.hub_config, recipe.model.trust_remote_code)
     runs = plan_splits(corpus, section.protocol, section.val_folds, section.folds or None)
-    out = Path(recipe.output_dir)
-    training_arguments(recipe, out, _precision(recipe))  # sets up the process group (torchrun / accelerate)
-    state = PartialState()
-    if state.is_main_process:
-        _prepare(recipe, out, resume)
-        prepare_output_dir(recipe, resume)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    state.wait_for_everyone()
+    run = start_run(recipe, resume, before_prepare=lambda folder: _prepare(recipe, folder, resume))
+    out, state = run.out, run.state
     _echo(f"[petl] {corpus.name}: {len(corpus.examples)} clips, {len(corpus.label_names)} classes, "
           f"{len(runs)} run(s) ({section.protocol})")
     results = [run_fold(recipe, out / run.name if run.name else out, run, corpus.label_names, resume)

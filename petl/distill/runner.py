@@ -217,24 +217,17 @@ def run_distill(recipe: Recipe, *, resume: bool = False, stop_after: Optional[in
             with stage 2). Default: None (both stages).
         callbacks (Sequence[TrainerCallback]): extra callbacks for both stages' Trainers.
     """
-    from accelerate import PartialState
     from transformers import set_seed
 
     from petl.distill.steplog import plot_stage_losses
-    from petl.train.recipe_io import recipe_to_yaml
-    from petl.train.runner import _precision, prepare_output_dir
+    from petl.train.runner import start_run
 
     if stop_after not in (None, 1):
         raise ValueError(f"stop_after={stop_after!r}: use None (both stages) or 1 (stop after stage 1)")
     check_distill_recipe(recipe)
-    precision = _precision(recipe)
-    out = Path(recipe.output_dir)
-    _stage_args(recipe, out, precision, 1)  # sets up the process group before PartialState
-    state = PartialState()
-    if state.is_main_process:
-        prepare_output_dir(recipe, resume, layout.RUN_ENTRIES)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    state.wait_for_everyone()
+    run = start_run(recipe, resume, run_entries=layout.RUN_ENTRIES,
+                    arguments=lambda r, folder, precision: _stage_args(r, folder, precision, 1))
+    out, state, precision = run.out, run.state, run.precision
     if resume and (out / layout.METRICS).is_file():
         _echo(f"[petl] {out} already holds a finished distillation; nothing to resume")
         return json.loads((out / layout.METRICS).read_text())

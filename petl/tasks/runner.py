@@ -17,8 +17,7 @@ from typing import Any, Optional
 from petl.tasks.loading import LabelSpace, load_task_split
 from petl.tasks.phi import phi_guard, sample_preview
 from petl.train.recipe import Recipe
-from petl.train.runner import (ADAPTER_DIR, CHECKPOINT_DIR, MODEL_INFO, STEP_LOG, _echo, _model_dtype, _precision,
-                               prepare_output_dir, training_arguments)
+from petl.train.runner import ADAPTER_DIR, CHECKPOINT_DIR, MODEL_INFO, STEP_LOG, _echo, _model_dtype, start_run
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -78,7 +77,6 @@ def build_training_set(recipe: Recipe, records, tokenizer, labels: LabelSpace, m
 
 def run_task_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train and score a task recipe end to end; returns the metrics also written to ``metrics.json``."""
-    from accelerate import PartialState
     from transformers import set_seed
 
     from petl.tasks.models import save_task_info
@@ -86,17 +84,10 @@ def run_task_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     from petl.tasks.trainer import TaskTrainer
     from petl.train.callbacks import JsonlStepLogger, plot_loss_curve
     from petl.train.checkpointing import last_complete_checkpoint
-    from petl.train.recipe_io import recipe_to_yaml
 
     task = recipe.task
-    precision = _precision(recipe)
-    out = Path(recipe.output_dir)
-    args = training_arguments(recipe, out, precision)
-    state = PartialState()
-    if state.is_main_process:
-        prepare_output_dir(recipe, resume)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    state.wait_for_everyone()
+    run = start_run(recipe, resume)
+    out, args, state, precision = run.out, run.args, run.state, run.precision
     checkpoint = last_complete_checkpoint(out / CHECKPOINT_DIR) if resume else None
     set_seed(recipe.train.seed)
     with phi_guard(task.phi, "reading the data"), state.main_process_first():

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -246,6 +247,50 @@ def evaluate(model, tokenizer, recipe: Recipe, stage: str) -> dict[str, Any]:
     return results
 
 
+@dataclass
+class RunStart:
+    """What every recipe run has once :func:`start_run` returns."""
+
+    out: Path  # the output folder (created; a previous run refused unless resuming or overwriting)
+    args: Any  # transformers.TrainingArguments of the run (or of its first stage)
+    state: Any  # accelerate.PartialState: process rank, barriers
+    precision: str  # "bf16" | "fp16" | "fp32"
+
+
+def start_run(recipe: Recipe, resume: bool, *, run_entries: tuple[str, ...] = RUN_ENTRIES,
+              arguments: Optional[Callable[[Recipe, Path, str], Any]] = None,
+              before_prepare: Optional[Callable[[Path], None]] = None) -> RunStart:
+    """The start shared by every runner (causal LM, tasks, audio, distillation).
+
+    TrainingArguments are built first because they set up the process group (torchrun /
+    accelerate launch), so the PartialState after them sees every process, on CPU (gloo) as on
+    GPU. Then the main process prepares the output folder and writes the resolved
+    ``recipe.yaml`` while the others wait.
+
+    Args:
+        recipe (Recipe): the validated recipe.
+        resume (bool): continuing a killed run (the folder may hold its entries).
+        run_entries (tuple[str, ...]): folder entries that mark an earlier run of this kind.
+        arguments (Callable, Optional): ``(recipe, out, precision) -> TrainingArguments``;
+            default :func:`training_arguments`.
+        before_prepare (Callable, Optional): ``(out) -> None`` run on the main process before
+            the folder is prepared (a runner's own checks of stale entries).
+    """
+    from accelerate import PartialState
+
+    precision = _precision(recipe)
+    out = Path(recipe.output_dir)
+    args = (arguments or training_arguments)(recipe, out, precision)
+    state = PartialState()
+    if state.is_main_process:
+        if before_prepare is not None:
+            before_prepare(out)
+        prepare_output_dir(recipe, resume, run_entries)
+        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    state.wait_for_everyone()
+    return RunStart(out=out, args=args, state=state, precision=precision)
+
+
 def training_arguments(recipe: Recipe, out: Path, precision: str):
     from transformers import TrainingArguments
 
@@ -303,23 +348,14 @@ def run_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
 
 def run_causal_lm_recipe(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Next-token training (context extension, domain adaptation, SFT) of a causal LM."""
-    from accelerate import PartialState
     from transformers import set_seed
 
     from petl.data import DataCollatorForCausalLM
     from petl.train.callbacks import JsonlStepLogger, plot_loss_curve
     from petl.train.checkpointing import AtomicCheckpointTrainer, last_complete_checkpoint
 
-    precision = _precision(recipe)
-    # TrainingArguments first: it sets up the process group (torchrun / accelerate launch), so the
-    # PartialState below sees every process, on CPU (gloo) as on GPU.
-    out = Path(recipe.output_dir)
-    args = training_arguments(recipe, out, precision)
-    state = PartialState()
-    if state.is_main_process:
-        prepare_output_dir(recipe, resume)
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    state.wait_for_everyone()
+    run = start_run(recipe, resume)
+    out, args, state, precision = run.out, run.args, run.state, run.precision
     checkpoint = last_complete_checkpoint(out / CHECKPOINT_DIR) if resume else None
     if resume and checkpoint is None:
         _echo(f"[petl] no complete checkpoint under {out / CHECKPOINT_DIR}; starting from step 0")
