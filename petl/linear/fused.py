@@ -26,11 +26,15 @@ from ..kernels.switch import use_kernels
 from .chunked import chunked_gla
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: float32 runs only in the CPU interpreter: on CUDA the float32 feature-map backward's tiles need
+#: about 364 KB of shared memory, more than an H100/H200 multiprocessor has (GPU-tested: bf16/fp16)
+_CUDA_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def use_fused(config, device: torch.device, dtype: torch.dtype, core: str, num_tokens: int) -> bool:
     """Whether a LAWCAT forward with these settings runs the fused Triton path."""
-    if config.window_size > 0 or core not in ("fla", "chunked") or dtype not in _DTYPES or num_tokens < 2:
+    dtypes = _CUDA_DTYPES if device.type == "cuda" else _DTYPES
+    if config.window_size > 0 or core not in ("fla", "chunked") or dtype not in dtypes or num_tokens < 2:
         return False
     return use_kernels(device, config.kernels)
 
