@@ -9,6 +9,7 @@ which is how CI checks kernel logic without a GPU). A per-call or per-recipe set
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -29,8 +30,13 @@ def kernel_mode(explicit: str | None = None) -> str:
     return "auto"
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (it is optional on CPU installs)."""
+    """True when the ``triton`` package can be imported (it is optional on CPU installs).
+
+    Cached: dispatch asks on every attention, MLP and norm forward, and without Triton installed an
+    uncached ``find_spec`` would search ``sys.path`` each time.
+    """
     return importlib.util.find_spec("triton") is not None
 
 
