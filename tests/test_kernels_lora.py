@@ -265,6 +265,22 @@ def test_recipe_key_and_runner_wiring(monkeypatch):
         apply_kernels(_tiny_peft("llama", False, dtype=torch.float32), recipe)
 
 
+def test_kernels_on_is_refused_where_no_runner_honours_it():
+    """Task runners and ``petl distill`` train unfused: ``train.kernels=on`` there is a one-line error,
+    not a setting silently ignored."""
+    from petl.distill.runner import check_distill_recipe
+    from petl.train.recipe import Recipe
+    from petl.train.schema_types import RecipeError, from_dict
+
+    with pytest.raises(RecipeError, match=r"'train.kernels' = 'on' applies to causal-LM training; task.type "
+                                          r"'sequence_classification'") as err:
+        from_dict(Recipe, {"task": {"type": "sequence_classification"}, "train": {"kernels": "on"}})
+    assert "\n" not in str(err.value)
+    from_dict(Recipe, {"task": {"type": "sequence_classification"}, "train": {"kernels": "auto"}})
+    with pytest.raises(RecipeError, match="not honoured by petl distill"):
+        check_distill_recipe(from_dict(Recipe, {"train": {"kernels": "on"}}))
+
+
 _INTERPRETED = textwrap.dedent("""
     import torch, warnings
     warnings.filterwarnings("ignore")

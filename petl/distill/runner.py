@@ -42,6 +42,9 @@ def check_distill_recipe(recipe: Recipe) -> None:
     if recipe.model.quantization != "none":
         raise RecipeError("recipe key 'model.quantization' must be 'none' for petl distill: the teacher's "
                           "projections are shared with the student and merged after stage 2")
+    if recipe.train.kernels == "on":
+        raise RecipeError("recipe key 'train.kernels' = 'on' is not honoured by petl distill (LAWCAT layers have their "
+                          "own kernels, distill.backend); set train.kernels=auto or off")
     if recipe.data.format != "pretrain":
         raise RecipeError(f"recipe key 'data.format' is {recipe.data.format!r}; distillation uses packed text, "
                           "set data.format=pretrain")

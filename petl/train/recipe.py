@@ -176,7 +176,8 @@ class TrainSection:
 
     kernels: petl's fused LoRA training kernels (docs/kernels.md) for Llama/Mistral/Qwen2 models:
         ``auto`` uses them on CUDA and peft's unfused path elsewhere (other model types train
-        unfused), ``on`` requires them (an unsupported model is an error), ``off`` never. ``on``
+        unfused), ``on`` requires them (an unsupported model, and any task other than
+        ``causal_lm`` or ``petl distill``, is an error), ``off`` never. ``on``
         and ``off`` override ``$PETL_KERNELS``; ``auto`` defers to it.
     """
 
@@ -259,6 +260,9 @@ class Recipe:
         if self.model.quantization == "4bit" and self.adapter.type == "soka":
             raise RecipeError("recipe key 'model.quantization' = '4bit' cannot be combined with "
                               "adapter.type 'soka'; use adapter.type 'lora' for QLoRA")
+        if self.train.kernels == "on" and self.task.type != "causal_lm":
+            raise RecipeError(f"recipe key 'train.kernels' = 'on' applies to causal-LM training; task.type "
+                              f"{self.task.type!r} trains unfused, set train.kernels=auto or off")
 
     @property
     def output_dir(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -314,9 +314,7 @@ def _checkpointing_arguments(arguments_class: type, enabled: bool) -> dict:
     transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name
     warns); 5.17 only knows the old one.
     """
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(arguments_class)}
+    names = {f.name for f in fields(arguments_class)}
     prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
