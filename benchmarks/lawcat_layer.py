@@ -117,10 +117,16 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
 
         result["fla_version"] = fla.__version__
 
+    kept = {}  # what other commands stored in the file (--components, GPU test logs) survives a rerun
+    if os.path.isfile(out_path):
+        with open(out_path) as fh:
+            kept = {key: val for key, val in json.load(fh).items()
+                    if key in ("components", "components_previous", "gpu_tests")}
+
     def save():
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
         with open(out_path, "w") as fh:
-            json.dump(result, fh, indent=1)
+            json.dump({**kept, **result}, fh, indent=1)
 
     def configure(kernels: str, backend: str) -> None:
         lcfg.kernels, lcfg.backend = kernels, backend
@@ -263,54 +269,138 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
     return result
 
 
+def _component_checks(dev, dtype, H: int, D: int, gate, conv_w, fm_w, n: int = 2048) -> list[dict]:
+    """Correctness of petl's kernels before timing them: outputs and input gradients at n tokens
+    (bf16 kernels) against the same maths in float32 PyTorch (the chunked GLA with a ones column
+    for the normaliser, conv1d + einsum + softmax for the feature map)."""
+    import torch.nn.functional as F
+
+    from petl.linear.chunked import chunked_gla
+    from petl.linear.kernel_features import conv_feature_map
+    from petl.linear.kernel_normaliser import gate_normaliser
+
+    gen = torch.Generator(device=dev).manual_seed(7)
+    checks = []
+
+    def record(what, pairs):
+        for name, a, b in pairs:
+            checks.append({"N": n, "what": f"{what}: {name} vs float32 PyTorch", "rel_err": _rel(a.detach(), b.detach())})
+
+    def grads(out, ups, leaves):
+        return torch.autograd.grad(sum((o.float() * u).sum() for o, u in zip(out, ups)), leaves)
+
+    xs = torch.randn(1, n, H * D, device=dev, generator=gen).to(dtype)
+    with torch.no_grad():
+        lg = gate.logits(torch.randn(1, n, H * D, device=dev, generator=gen).to(dtype))
+    pq, pk = (torch.randn(1, n, H, 2 * (fm_w.shape[-1]), device=dev, generator=gen).softmax(-1).to(dtype)
+              for _ in range(2))
+    ups = [torch.randn(1, n, H, pq.shape[-1], device=dev, generator=gen), torch.randn(1, H, n, device=dev, generator=gen),
+           torch.randn(1, H, pq.shape[-1], device=dev, generator=gen)]
+    kin = [t.detach().clone().requires_grad_() for t in (lg, pq, pk)]
+    rin = [t.detach().float().requires_grad_() for t in (lg, pq, pk)]
+    out = gate_normaliser(*kin, None, 16.0)
+    g = F.logsigmoid(rin[0]) / 16.0
+    o, s = chunked_gla(rin[1], rin[2], torch.ones(1, n, H, 1, device=dev), g)
+    ref = (g, o[..., 0].transpose(1, 2), s[..., 0])
+    record("gate_normaliser", list(zip(("g", "den", "z_T"), out, ref)) +
+           list(zip(("dlogits", "dq", "dk"), grads(out, ups, kin), grads(ref, ups, rin))))
+
+    def torch_fm(x, cw, fw):
+        C = x.shape[-1]
+        u = F.conv1d(F.pad(x.transpose(1, 2), (cw.shape[-1] - 1, 0)), cw, groups=C).transpose(1, 2)
+        z = torch.einsum("bthd,hdf->bthf", u.reshape(1, n, H, D), fw)
+        return torch.cat([z.softmax(-1), (-z).softmax(-1)], -1).clamp_min(1e-12)
+
+    dphi = torch.randn(1, n, H, 2 * fm_w.shape[-1], device=dev, generator=gen)
+    kin = [t.detach().clone().requires_grad_() for t in (xs, conv_w, fm_w)]
+    rin = [t.detach().float().requires_grad_() for t in (xs, conv_w, fm_w)]
+    for name, blocks in (("default", {}), ("bwd_dot=bf16", {"bwd_dot": "bf16"})):
+        out = conv_feature_map(*kin, blocks=blocks)
+        ref = torch_fm(*rin)
+        record(f"conv_feature_map[{name}]", [("phi", out, ref)] +
+               list(zip(("dx", "dconv_w", "dfm_w"), grads([out], [dphi], kin), grads([ref], [dphi], rin))))
+    return checks
+
+
 def components(N: int, out_path: str, heads: int = 32, head_dim: int = 128) -> dict:
     """Time each stage of the fused path at N tokens (fwd, and fwd+bwd where it has a backward),
-    with a few block-size variants of petl's kernels: what the fused layer's time is made of."""
+    with variants of petl's launch tables (kernel_features.py, kernel_normaliser.py): what the
+    fused layer's time is made of, and which table entries to keep. Correctness first."""
     import triton
 
+    from petl.linear import kernel_normaliser
     from petl.linear.fla_backend import fla_chunk_gla
     from petl.linear.kernel_features import conv_feature_map
     from petl.linear.kernel_normaliser import gate_normaliser, normalise
 
     dev, dtype, H, D = torch.device("cuda"), torch.bfloat16, heads, head_dim
     _, _, lawcat, _ = _layers(H, H, D, dtype, dev)
+    conv_w, fm_w, gate = lawcat.lawcat_conv_q.weight, lawcat.lawcat_feature_map_q.weight, lawcat.lawcat_gate
+    Fd = lawcat.feature_size
+    checks = _component_checks(dev, dtype, H, D, gate, conv_w, fm_w)
+    for c in checks:
+        print(f"  check N={c['N']}: {c['what']}: rel err {c['rel_err']:.2e}", flush=True)
+    bad = [c for c in checks if not c["rel_err"] < 5e-2]     # bf16 noise is ~5e-3
+    if bad:
+        raise SystemExit(f"kernel check failed, not timing: {bad}")
     gen = torch.Generator(device=dev).manual_seed(1)
     x, q, k, v, dy = (torch.randn(1, N, *s, device=dev, dtype=dtype, generator=gen)
                       for s in ((H * D,), (H, D), (H, D), (H, D), (H, D)))
-    conv_w, fm_w, gate = lawcat.lawcat_conv_q.weight, lawcat.lawcat_feature_map_q.weight, lawcat.lawcat_gate
     rows = []
 
-    def add(stage, variant, fwd_fn, fb_fn=None, grads=()):
-        with torch.no_grad():
-            fwd = _bench(fwd_fn)
-        fb = _bench(fb_fn, grad_to_none=list(grads)) if fb_fn is not None else None
-        rows.append({"stage": stage, "variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": fb})
-        print(f"N={N} {stage:18s} {variant:28s} fwd {fwd:8.3f} ms  fwd+bwd {fb if fb is None else round(fb, 3)}",
-              flush=True)
+    def add(stage, variant, fwd_fn, fb_fn=None, grads=(), bytes_fwd=None, bytes_bwd=None):
+        try:
+            with torch.no_grad():
+                fwd = _bench(fwd_fn)
+            fb = _bench(fb_fn, grad_to_none=list(grads)) if fb_fn is not None else None
+        except Exception as exc:  # a table entry that does not compile (e.g. out of shared memory)
+            rows.append({"stage": stage, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            print(f"N={N} {stage:18s} {variant:34s} FAILED {type(exc).__name__}", flush=True)
+            return
+        row = {"stage": stage, "variant": variant, "fwd_ms": fwd, "fwd_bwd_ms": fb}
+        if bytes_fwd:  # the kernel's own traffic model (docs/lawcat.md), as achieved bandwidth
+            row["fwd_TBps"] = bytes_fwd / fwd / 1e9
+            if fb is not None and bytes_bwd:
+                row["bwd_TBps"] = bytes_bwd / max(fb - fwd, 1e-6) / 1e9
+        rows.append(row)
+        print(f"N={N} {stage:18s} {variant:34s} fwd {fwd:8.3f} ms  fwd+bwd {fb if fb is None else round(fb, 3)}"
+              + (f"  ({row['fwd_TBps']:.2f} / {row.get('bwd_TBps', 0):.2f} TB/s)" if bytes_fwd else ""), flush=True)
 
     xq = q.reshape(1, N, H * D)
     xg = xq.detach().clone().requires_grad_()
-    dphi = torch.randn(1, N, H, lawcat.feature_size, device=dev, dtype=dtype, generator=gen)
+    dphi = torch.randn(1, N, H, Fd, device=dev, dtype=dtype, generator=gen)
     with torch.no_grad():
         phi_q = conv_feature_map(xq, conv_w, fm_w)
         phi_k = conv_feature_map(k.reshape(1, N, H * D), lawcat.lawcat_conv_k.weight, fm_w)
         logits = gate.logits(x)
     add("gate_logits", "2 Linear", lambda: gate.logits(x))
-    for bt, w in ((64, 8), (64, 4), (128, 8), (32, 4)):
-        blocks = {"fwd": bt, "fwd_warps": w}
-        add("conv_feature_map", f"BT={bt} warps={w}", lambda: conv_feature_map(xq, conv_w, fm_w, blocks=blocks),
-            (lambda: conv_feature_map(xg, conv_w, fm_w, blocks=blocks).backward(dphi)) if bt == 64 and w == 8 else None,
-            [xg, conv_w, fm_w])
+    # conv + feature map, per call: fwd reads x, writes phi; bwd reads x and dphi, writes dx
+    fm_bytes = (2 * N * H * D + 2 * N * H * Fd, 2 * (2 * N * H * D + N * H * Fd))
+    for name, blocks in (("table (BT=64/64 warps=4/8 split)", {}), ("fwd BT=128 warps=8", {"fwd": 128, "fwd_warps": 8}),
+                         ("bwd warps=4", {"bwd_warps": 4}), ("bwd BT=128 warps=8", {"bwd": 128, "bwd_warps": 8}),
+                         ("bwd BT=32 warps=4", {"bwd": 32, "bwd_warps": 4}), ("bwd stages=2", {"bwd_stages": 2}),
+                         ("bwd dot=bf16", {"bwd_dot": "bf16"}), ("bwd 4 blocks/program", {"bwd_blocks": 4}),
+                         ("bwd 32 blocks/program", {"bwd_blocks": 32})):
+        add("conv_feature_map", name, lambda b=blocks: conv_feature_map(xq, conv_w, fm_w, blocks=b),
+            None if "fwd BT" in name else (lambda b=blocks: conv_feature_map(xg, conv_w, fm_w, blocks=b).backward(dphi)),
+            [xg, conv_w, fm_w], *fm_bytes)
     pq, pk, lg = (t.detach().clone().requires_grad_() for t in (phi_q, phi_k, logits))
     dden = torch.randn(1, H, N, device=dev, generator=gen)
-    for bt, bf, w in ((128, 16, (4, 8)), (256, 16, (8, 8)), (64, 16, (4, 8)), (128, 8, (4, 8)), (256, 8, (4, 8)),
-                      (128, 32, (8, 8))):
-        kw = {"block_t": bt, "block_f": bf, "warps": w}
-        fb = None
-        if bf == 16:
-            fb = lambda kw=kw: gate_normaliser(lg, pq, pk, None, 16.0, **kw)[1].backward(dden)  # noqa: E731
-        add("gate_normaliser", f"BT={bt} BF={bf} warps={w}", lambda kw=kw: gate_normaliser(logits, phi_q, phi_k, None, 16.0, **kw),
-            fb, [lg, pq, pk])
+    # chunk-parallel normaliser: fwd = summaries (x, k; g float32) + den (q, k, x); bwd = sums (q, x)
+    # + main (q, k, x; dq, dk, dx); 2 bytes per bf16 element, the chunk states are ~1% on top
+    nb = N * H * Fd
+    norm_bytes = (nb * (2 * 5 + 4), nb * 2 * 8)
+    for chunk, bf, warps in ((32, 64, None), (32, 128, None), (64, 64, None), (16, 128, None), (64, 128, None),
+                             (32, 64, {"bwd": 4}), (32, 64, {"summary": 8, "den": 8})):
+        kw = {"block_t": chunk, "block_f": bf}
+        old = dict(kernel_normaliser.WARPS)
+        kernel_normaliser.WARPS.update(warps or {})
+        name = f"C={chunk} BF={bf}" + (f" warps {warps}" if warps else "") + (" (table)" if (chunk, bf, warps) == (
+            kernel_normaliser.CHUNK, kernel_normaliser.BLOCK_F, None) else "")
+        add("gate_normaliser", name, lambda kw=kw: gate_normaliser(logits, phi_q, phi_k, None, 16.0, **kw),
+            lambda kw=kw: gate_normaliser(lg, pq, pk, None, 16.0, **kw)[1].backward(dden), [lg, pq, pk], *norm_bytes)
+        kernel_normaliser.WARPS.clear()
+        kernel_normaliser.WARPS.update(old)
     with torch.no_grad():
         g, den, _ = gate_normaliser(logits, phi_q, phi_k, None, 16.0)
     gq, gk_, gv, gg = (t.detach().clone().requires_grad_() for t in (phi_q, phi_k, v, g))
@@ -326,18 +416,24 @@ def components(N: int, out_path: str, heads: int = 32, head_dim: int = 128) -> d
     params = [p for n, p in lawcat.named_parameters() if "lawcat_" in n]
     add("attend", "fused+fla (total)", lambda: lawcat.attend(x, q, k, v),
         lambda: lawcat.attend(xg2, qg, kg, vg).backward(dy), [qg, kg, vg, xg2] + params)
+    qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    add("sdpa", "causal (the K7 baseline)",
+        lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
     copy_src = torch.empty(N * H * D * 4, dtype=torch.float32, device=dev)
     copy_dst = torch.empty_like(copy_src)
     copy_ms = _bench(lambda: copy_dst.copy_(copy_src))
     result = {"N": N, "H": H, "head_dim": D, "gpu": torch.cuda.get_device_name(), "triton": triton.__version__,
+              "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([sys.executable, "-m", "benchmarks.lawcat_layer"] + sys.argv[1:]),
-              "copy_bandwidth_TBps": 2 * copy_src.numel() * 4 / copy_ms / 1e9, "stages": rows}
+              "copy_bandwidth_TBps": 2 * copy_src.numel() * 4 / copy_ms / 1e9, "checks": checks, "stages": rows}
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     full = {}
     if os.path.isfile(out_path):  # keep the prefill/decode rows of an earlier full run
         with open(out_path) as fh:
             full = json.load(fh)
+    if "components" in full:  # the previous kernels' stage times, for reference (another run)
+        full["components_previous"] = full["components"]
     full["components"] = result
     with open(out_path, "w") as fh:
         json.dump(full, fh, indent=1)

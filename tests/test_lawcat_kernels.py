@@ -11,6 +11,12 @@ the kernel must satisfy ``err_kernel <= 2 * err_torch (+ eps_float32 for float32
 ``eps`` term (one float32 unit, added only where the compared result is float32: g, den, z_T,
 float32 layers) matters only there, where both errors are rounding noise of a few 1e-8 and their
 ratio is meaningless.
+
+Shapes are a named list (odd lengths, lengths that are not a multiple of the chunk or token
+block, one token, feature widths that are not powers of 2, several feature blocks, several
+steps of the carry scan, several backward programs per head so the du halo and the two-slot ring
+are used). bf16 runs on CPU through :func:`bf16_interpreter`, which gives Triton's interpreter
+the GPU's bf16 semantics (see there).
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ def test_kernels_under_triton_interpreter():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]
-    assert int(summary.split(" passed")[0].split()[-1]) >= 8, summary
+    assert int(summary.split(" passed")[0].split()[-1]) >= 15, summary  # every child test ran
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -67,6 +73,79 @@ def poison(monkeypatch):
     monkeypatch.setattr(kernel_normaliser, "_empty", nan_empty)
 
 
+@pytest.fixture
+def bf16_interpreter(monkeypatch):
+    """GPU bf16 semantics for Triton's CPU interpreter, for this test only.
+
+    The interpreter keeps bf16 values as raw uint16 bits: its ``tl.dot`` multiplies those bits as
+    integers, and its float32 -> bf16 cast truncates. A GPU multiplies bf16 operands exactly with
+    float32 accumulation and rounds casts to nearest-even; this fixture makes the interpreter do
+    the same (via torch's own bf16 conversions), so the kernels' bf16 paths (the split dots of the
+    feature-map backward) can be checked on CPU.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as it
+
+    def to_f32(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h.data
+        return torch.from_numpy(h.data.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
+
+    real_dot, real_cast = it.InterpreterBuilder.create_dot, it.InterpreterBuilder.cast_impl
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return real_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        out = np.matmul(to_f32(a), to_f32(b), dtype=np.float32) + d.data
+        return it.TensorHandle(out.astype(d.data.dtype), d.dtype.scalar)
+
+    def cast_impl(self, src, dst_type):
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar != tl.bfloat16:
+            t = torch.from_numpy(np.asarray(src.data, dtype=np.float32).copy()).to(torch.bfloat16)
+            return it.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        if src.dtype.scalar == tl.bfloat16 and dst_type.scalar != tl.bfloat16:
+            return real_cast(self, it.TensorHandle(to_f32(src), tl.float32), dst_type)
+        return real_cast(self, src, dst_type)
+
+    monkeypatch.setattr(it.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(it.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+@pytest.fixture(autouse=True)
+def row_scan(monkeypatch):
+    """In the interpreter child: run ``tl.associative_scan`` one row at a time.
+
+    Triton's interpreter evaluates a custom-combine scan one element at a time, a Python call
+    per element. This runs the same combine in the same order along the scan axis, vectorised
+    across the other axis, so the normaliser tests take seconds instead of minutes; the results
+    are bitwise those of the element loop (elementwise float32 operations either way).
+    """
+    if not IN_CHILD:
+        return
+    import numpy as np
+    from triton.runtime import interpreter as it
+
+    def generic_scan(self, inputs):
+        datas = [arg.handle.data for arg in inputs]
+        outs = [np.empty_like(d) for d in datas]
+        ax = self.axis
+        row = lambda d, i: np.take(d, i, axis=ax)  # noqa: E731
+        acc = [self.to_tensor(row(d, 0), arg.dtype) for d, arg in zip(datas, inputs)]
+        for i in range(datas[0].shape[ax]):
+            if i:
+                cur = [self.to_tensor(row(d, i), arg.dtype) for d, arg in zip(datas, inputs)]
+                ret = self.combine_fn.fn(*acc, *cur)
+                acc = list(ret) if isinstance(ret, tuple) else [ret]
+            for o, t in zip(outs, acc):
+                idx = [slice(None)] * o.ndim
+                idx[ax] = i
+                o[tuple(idx)] = t.handle.data
+        return [self.to_tensor(o, arg.dtype) for o, arg in zip(outs, inputs)]
+
+    monkeypatch.setattr(it.ScanOps, "generic_scan", generic_scan)
+
+
 def _gate_inputs(B, T, H, Hkv, K, device, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -85,24 +164,30 @@ def _gate_reference(x, q, k, z0, valid, normalizer):
     B, T, H, K = q.shape
     G = H // x.shape[2]
     g = (F.logsigmoid(x.to(torch.promote_types(x.dtype, torch.float32))) / normalizer).repeat_interleave(G, dim=2)
-    g = torch.where(valid[:, :, None, None], g, torch.zeros_like(g))
+    if valid is not None:
+        g = torch.where(valid[:, :, None, None], g, torch.zeros_like(g))
     ones = torch.ones(B, T, H, 1, dtype=q.dtype, device=q.device)
-    o, s = naive_recurrent_gla(q, k, ones, g, z0[..., None])
+    o, s = naive_recurrent_gla(q, k, ones, g, z0[..., None] if z0 is not None else None)
     return g, o[..., 0].transpose(1, 2), s[..., 0]
 
 
-def _run_gate_normaliser(device, dtype, B, T, H, Hkv, K, block_t):
+def _run_gate_normaliser(device, dtype, B, T, H, Hkv, K, block_t, block_f=16, with_z0=True, with_valid=True):
+    """Outputs g, den, z_T and the gradients of x, q, k, z0 (random upstream gradients on all
+    three outputs, so the core's dg and the cache's dz_T paths are included) vs float64."""
     from petl.linear.kernel_normaliser import gate_normaliser
 
     x, q, k, z0, valid = _gate_inputs(B, T, H, Hkv, K, device)
+    valid = valid if with_valid else None
     x, q, k = (t.to(dtype).double() for t in (x, q, k))  # the reference sees the rounded inputs
-    ref_in = [t.clone().requires_grad_() for t in (x, q, k, z0)]
-    ref = _gate_reference(*ref_in, valid, 16.0)
-    low = [x.to(dtype), q.to(dtype), k.to(dtype), z0.float()]
+    leaves = [x, q, k] + ([z0] if with_z0 else [])
+    ref_in = [t.clone().requires_grad_() for t in leaves]
+    low = [x.to(dtype), q.to(dtype), k.to(dtype)] + ([z0.float()] if with_z0 else [])
     tin = [t.clone().requires_grad_() for t in low]
-    same = _gate_reference(*tin, valid, 16.0)
     kin = [t.clone().requires_grad_() for t in low]
-    out = gate_normaliser(*kin, 16.0, valid, block_t=block_t)
+    z = (lambda ins: ins[3] if with_z0 else None)  # noqa: E731
+    ref = _gate_reference(*ref_in[:3], z(ref_in), valid, 16.0)
+    same = _gate_reference(*tin[:3], z(tin), valid, 16.0)
+    out = gate_normaliser(*kin[:3], z(kin), 16.0, valid, block_t=block_t, block_f=block_f)
     ups = [torch.randn_like(r) for r in ref]
     loss = lambda outs: sum((o.double() * u).sum() for o, u in zip(outs, ups))  # noqa: E731
     g_ref = torch.autograd.grad(loss(ref), ref_in)
@@ -134,14 +219,18 @@ def _run_division(device, dtype, B, T, H, V, block_t):
         _check(name, a, b, r, dtype)
 
 
-def _run_conv_feature_map(device, dtype, B, T, H, D, Fh, KS, blocks):
+def _run_conv_feature_map(device, dtype, B, T, H, D, Fh, KS, blocks, with_state=True, with_valid=True):
+    """phi and the gradients of x, the conv weight and the feature-map weight vs float64."""
     from petl.linear.kernel_features import conv_feature_map
 
     gen = torch.Generator(device="cpu").manual_seed(5)
     mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     x, cw, fw, state = mk(B, T, H * D), mk(H * D, 1, KS) * 0.5, mk(H, D, Fh) * 0.6, mk(B, H * D, KS - 1)
+    if not with_state:
+        state = torch.zeros_like(state)
     valid = torch.ones(B, T, dtype=torch.bool)
-    valid[0, :3] = False
+    if with_valid:
+        valid[0, :3] = False
     x, cw, fw, state = (t.to(dtype).double() for t in (x, cw, fw, state))  # rounded inputs for all
     x, cw, fw, state, valid = (t.to(device) for t in (x, cw, fw, state, valid))
 
@@ -157,7 +246,8 @@ def _run_conv_feature_map(device, dtype, B, T, H, D, Fh, KS, blocks):
     s_in = [t.to(dtype).requires_grad_() for t in (x, cw, fw)]
     k_in = [t.detach().clone().requires_grad_() for t in s_in]
     ref, same = torch_path(*r_in), torch_path(*s_in)
-    out = conv_feature_map(k_in[0], k_in[1], k_in[2], state.to(dtype), valid, blocks)
+    out = conv_feature_map(k_in[0], k_in[1], k_in[2], state.to(dtype) if with_state else None,
+                           valid if with_valid else None, blocks)
     _check("phi", out, same, ref, dtype)
     dphi = torch.randn_like(ref)
     for name, a, b, r in zip(("dx", "dconv_w", "dfm_w"), torch.autograd.grad((out.double() * dphi).sum(), k_in),
@@ -233,11 +323,30 @@ def _run_cache_continuation(device, dtype, backend):
 
 
 # ----------------------------------------------------------------------------- CPU (interpreter child)
+# (B, T, H, H_kv, K, chunk, block_f, z0, padding): T = 1; GQA with a partial last chunk; several
+# feature blocks (K = 40 > 16) and 13 chunks; 19 chunks (two steps of the carry scan, which the
+# test shortens to 16 summaries) without a cache state or padding.
+GATE_SHAPES = {
+    "t1": (2, 1, 2, 1, 20, 16, 16, True, True),
+    "t37-gqa": (1, 37, 4, 2, 20, 16, 16, True, True),
+    "t200-fblocks": (1, 200, 2, 2, 40, 16, 16, True, True),
+    "t300-scan-steps": (1, 300, 1, 1, 16, 16, 16, False, False),
+}
+
+
 @child
-@pytest.mark.parametrize("shape", [(1, 21, 2, 1, 20, 16), (2, 16, 2, 2, 16, 16)], ids=["gqa-odd", "one-block"])
-def test_gate_normaliser_interpreted(shape, poison):
-    B, T, H, Hkv, K, bt = shape
-    _run_gate_normaliser("cpu", torch.float32, B, T, H, Hkv, K, bt)
+@pytest.mark.parametrize("case", list(GATE_SHAPES))
+def test_gate_normaliser_interpreted(case, poison, monkeypatch):
+    from petl.linear import kernel_normaliser
+
+    monkeypatch.setattr(kernel_normaliser, "SCAN_BLOCK", 16)
+    B, T, H, Hkv, K, bt, bf, z0, pad = GATE_SHAPES[case]
+    _run_gate_normaliser("cpu", torch.float32, B, T, H, Hkv, K, bt, bf, z0, pad)
+
+
+@child
+def test_gate_normaliser_bf16_interpreted(poison, bf16_interpreter):
+    _run_gate_normaliser("cpu", torch.bfloat16, 1, 37, 4, 2, 20, 16)
 
 
 @child
@@ -245,15 +354,36 @@ def test_division_interpreted(poison):
     _run_division("cpu", torch.float32, 2, 21, 3, 17, 16)  # V=17: masked columns
 
 
+# (dtype, T, blocks, conv state, padding); d = 24, f = 12 (not powers of 2), K = 4. "bwd_blocks"
+# sets the token blocks per backward program: 1 = every program needs the next one's halo; 2 with
+# T = 70 = 4 * 16 + 6 walks the two-slot ring and ends on a partial block.
+CONV_CASES = {
+    "fp32-t37-halo": (torch.float32, 37, {"fwd": 16, "bwd": 16, "bwd_blocks": 1}, True, True),
+    "fp16-t70-ring": (torch.float16, 70, {"fwd": 16, "bwd": 16, "bwd_blocks": 2}, True, True),
+    "fp32-t1": (torch.float32, 1, {"fwd": 16, "bwd": 16}, True, False),
+    "fp32-t33-nostate": (torch.float32, 33, {"fwd": 16, "bwd": 16, "bwd_blocks": 3}, False, False),
+}
+
+
 @child
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_conv_feature_map_interpreted(dtype, poison):
-    _run_conv_feature_map("cpu", dtype, 2, 37, 2, 24, 12, 4, {"fwd": 16, "bwd": 16, "conv": 16})  # d, f not 2^n
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_feature_map_interpreted(case, poison):
+    dtype, T, blocks, state, pad = CONV_CASES[case]
+    _run_conv_feature_map("cpu", dtype, 2, T, 2, 24, 12, 4, blocks, state, pad)
+
+
+@child
+@pytest.mark.parametrize("dot", ["split", "bf16"])
+def test_conv_feature_map_bf16_interpreted(dot, poison, bf16_interpreter):
+    """bf16 backward dots: dz split into bf16 hi + lo, or rounded to bf16 (kernel_features.py)."""
+    _run_conv_feature_map("cpu", torch.bfloat16, 2, 70, 2, 24, 12, 4,
+                          {"fwd": 16, "bwd": 16, "bwd_blocks": 2, "bwd_dot": dot})
 
 
 @child
 def test_fused_layer_matches_pytorch_path_interpreted(poison, monkeypatch):
-    _run_layer("cpu", torch.float32, 2, 19, "chunked", {"fwd": 16, "bwd": 16, "conv": 16, "norm": 16}, monkeypatch)
+    blocks = {"fwd": 16, "bwd": 16, "bwd_blocks": 1, "norm": 16, "norm_f": 16}
+    _run_layer("cpu", torch.float32, 2, 19, "chunked", blocks, monkeypatch)
 
 
 @child
@@ -281,12 +411,32 @@ def test_dispatch_uses_fused_path(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.skipif(IN_CHILD or not HAS_TRITON, reason="argument checks, no kernel runs / no triton")
+def test_bad_arguments_get_one_line_errors():
+    from petl.linear.kernel_features import conv_feature_map
+    from petl.linear.kernel_normaliser import gate_normaliser
+
+    x, q = torch.zeros(1, 5, 1, 16), torch.zeros(1, 5, 2, 16)
+    with pytest.raises(ValueError, match="power of 2"):
+        gate_normaliser(x, q, q, None, 16.0, block_t=24)
+    with pytest.raises(ValueError, match="at least one token"):
+        gate_normaliser(x[:, :0], q[:, :0], q[:, :0], None, 16.0)
+    with pytest.raises(ValueError, match="H_kv dividing"):
+        gate_normaliser(torch.zeros(1, 5, 3, 16), q, q, None, 16.0)
+    xs, fw = torch.zeros(1, 5, 32), torch.zeros(2, 16, 8)
+    with pytest.raises(ValueError, match="conv size 18"):
+        conv_feature_map(xs, torch.zeros(32, 1, 18), fw)
+    with pytest.raises(ValueError, match="backward token block"):
+        conv_feature_map(xs, torch.zeros(32, 1, 4), fw, blocks={"bwd": 8})
+
+
 # ----------------------------------------------------------------------------- GPU (compiled)
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(2, 1000, 8, 2, 128, 128), (1, 77, 4, 4, 64, 128)], ids=["gqa", "short"])
+@pytest.mark.parametrize("shape", [(2, 1000, 8, 2, 128, 64, 64), (1, 77, 4, 4, 64, 128, 64), (1, 2111, 2, 1, 128, 32, 128)],
+                         ids=["gqa", "short", "long-gqa"])
 def test_cuda_gate_normaliser(shape, poison):
-    B, T, H, Hkv, K, bt = shape
-    _run_gate_normaliser("cuda", torch.bfloat16, B, T, H, Hkv, K, bt)
+    B, T, H, Hkv, K, bt, bf = shape
+    _run_gate_normaliser("cuda", torch.bfloat16, B, T, H, Hkv, K, bt, bf)
 
 
 @pytest.mark.gpu
@@ -295,10 +445,12 @@ def test_cuda_division(poison):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dims", [(4, 128, 64), (3, 80, 40)], ids=["d128", "d80"])
-def test_cuda_conv_feature_map(dims, poison):
-    H, D, Fh = dims
-    _run_conv_feature_map("cuda", torch.bfloat16, 2, 999, H, D, Fh, 4, {})
+@pytest.mark.parametrize("case", [((4, 128, 64), {}), ((3, 80, 40), {}), ((4, 128, 64), {"bwd_blocks": 3}),
+                                  ((4, 128, 64), {"bwd_dot": "bf16", "bwd_blocks": 2})],
+                         ids=["d128", "d80", "d128-ring", "d128-bf16dot"])
+def test_cuda_conv_feature_map(case, poison):
+    (H, D, Fh), blocks = case
+    _run_conv_feature_map("cuda", torch.bfloat16, 2, 999, H, D, Fh, 4, blocks)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,9 @@ column makes the core's value width d + 1 (fla pads it to d + 16). The fused pat
 1. ``phi_q, phi_k`` with :func:`~petl.linear.kernel_features.conv_feature_map` (one pass each);
 2. the gate logits with the gate's two small Linear layers (``GlaGate.logits``);
 3. the float32 log gate g and the normaliser ``den_t = phi_q_t . z_t`` with
-   :func:`~petl.linear.kernel_normaliser.gate_normaliser` (one pass over phi_q, phi_k, logits);
+   :func:`~petl.linear.kernel_normaliser.gate_normaliser`, chunk-parallel: per-chunk summaries
+   (reads phi_k and the logits, writes g), a short scan over the chunk states, then den (reads
+   phi_q, phi_k and the logits);
 4. the numerator over v alone (V = d) with the GLA core: fla's ``chunk_gla`` or petl's chunked
    PyTorch form;
 5. ``o = num / (den + eps)`` with :func:`~petl.linear.kernel_normaliser.normalise`.
@@ -60,7 +62,10 @@ def fused_attend(layer, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         valid (torch.Tensor, Optional): ``[B, T]`` bool, False at padding.
         layer_cache (LawcatCacheLayer, Optional): continued and updated in place.
         core (str): ``"fla"`` or ``"chunked"``.
-        blocks (dict, Optional): kernel block sizes (tests).
+        blocks (dict, Optional): launch-table overrides (tests, benchmark sweeps): the keys of
+            :func:`~petl.linear.kernel_features.conv_feature_map`'s ``blocks``, and ``norm`` /
+            ``norm_f`` for :func:`~petl.linear.kernel_normaliser.gate_normaliser`'s chunk and
+            feature block.
 
     Returns:
         ``[B, T, H, d]`` in x's dtype.
@@ -88,7 +93,8 @@ def fused_attend(layer, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     state0 = layer_cache.recurrent_state if layer_cache is not None else None
     S0, z0 = (state0[..., :d], state0[..., d]) if state0 is not None else (None, None)
     g, den, zT = gate_normaliser(logits, phi_q, phi_k, z0, layer.lawcat_gate.normalizer, valid,
-                                 **({"block_t": blocks["norm"]} if "norm" in blocks else {}))
+                                 **{arg: blocks[key] for key, arg in (("norm", "block_t"), ("norm_f", "block_f"))
+                                    if key in blocks})
     if core == "fla":
         num, S = fla_chunk_gla(phi_q, phi_k, v_rep, g, S0, output_final_state=layer_cache is not None)
     else:
