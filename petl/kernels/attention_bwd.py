@@ -24,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from petl.kernels.attention_ranges import col_mask, key_blocks, query_blocks, row_mask, seg_end, seg_start
+from petl.kernels.attention_ranges import (col_mask, head_shift, key_blocks, query_blocks, row_mask, sample_span,
+                                         seg_end, seg_start)
 
 
 @triton.jit
@@ -80,12 +81,8 @@ def attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START, LENGTH, GROUP, PADDED
     b = bh // H
     h = bh % H
     hk = h // REP
-    s = tl.load(START + b)
-    n = tl.load(LENGTH + b)
-    G = tl.load(GROUP + b)
-    npad = tl.load(PADDED + b)
-    sh = tl.where(h >= H0, G // 2, 0)
-    tail_lo = npad - G + sh
+    s, n, G, npad = sample_span(START, LENGTH, GROUP, PADDED, b)
+    sh, tail_lo = head_shift(h, H0, G, npad)
 
     m0 = qb * BM
     offs_m = m0 + tl.arange(0, BM)
@@ -163,10 +160,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SDK, SDV, START, LENGT
     bhk = tl.program_id(1)
     b = bhk // HKV
     hk = bhk % HKV
-    s = tl.load(START + b)
-    n = tl.load(LENGTH + b)
-    G = tl.load(GROUP + b)
-    npad = tl.load(PADDED + b)
+    s, n, G, npad = sample_span(START, LENGTH, GROUP, PADDED, b)
 
     n0 = kb * BN
     offs_n = n0 + tl.arange(0, BN)
@@ -181,8 +175,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SDK, SDV, START, LENGT
     dv = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
     for j in range(0, REP):
         h = hk * REP + j
-        sh = tl.where(h >= H0, G // 2, 0)
-        tail_lo = npad - G + sh
+        sh, tail_lo = head_shift(h, H0, G, npad)
         seg_hi = seg_end(pk, G, sh, n)
         h64 = h.to(tl.int64)
         q_ptr = Q + b64 * sqb + h64 * sqh

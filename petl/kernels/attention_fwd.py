@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from petl.kernels.attention_ranges import key_blocks, row_mask, seg_start
+from petl.kernels.attention_ranges import head_shift, key_blocks, row_mask, sample_span, seg_start
 
 
 @triton.jit
@@ -61,12 +61,8 @@ def attn_fwd_kernel(Q, K, V, O, LSE, START, LENGTH, GROUP, PADDED,
     b = bh // H
     h = bh % H
     hk = h // REP
-    s = tl.load(START + b)
-    n = tl.load(LENGTH + b)
-    G = tl.load(GROUP + b)
-    npad = tl.load(PADDED + b)
-    sh = tl.where(h >= H0, G // 2, 0)
-    tail_lo = npad - G + sh
+    s, n, G, npad = sample_span(START, LENGTH, GROUP, PADDED, b)
+    sh, tail_lo = head_shift(h, H0, G, npad)
 
     m0 = qb * BM
     offs_m = m0 + tl.arange(0, BM)

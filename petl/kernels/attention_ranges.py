@@ -31,6 +31,19 @@ import triton.language as tl
 
 
 @triton.jit
+def sample_span(START, LENGTH, GROUP, PADDED, b):
+    """Batch row ``b``'s layout: ``(start, valid length n, group size G, npad = ceil(n / G) * G)``."""
+    return tl.load(START + b), tl.load(LENGTH + b), tl.load(GROUP + b), tl.load(PADDED + b)
+
+
+@triton.jit
+def head_shift(h, H0, G, npad):
+    """Query head ``h``'s shift ``sh`` (G/2 on heads ``>= H0``) and its wrap-around start ``npad - G + sh``."""
+    sh = tl.where(h >= H0, G // 2, 0)
+    return sh, npad - G + sh
+
+
+@triton.jit
 def seg_start(p, G, sh):
     """First position of the segment holding ``p`` (``p >= 0``)."""
     return tl.maximum(((p + sh) // G) * G - sh, 0)
