@@ -56,7 +56,7 @@ FWD_WARPS = 4
 BWD_BLOCK_T = 64           # tokens per step of the backward walk
 BWD_MAX_BLOCKS = 16        # most steps per program: bounds the per-program dW partials
 BWD_PROGRAMS_PER_SM = 4    # fewer steps per program when that many programs would not fill the GPU
-BWD_WARPS = 8
+BWD_WARPS = 4
 BWD_STAGES = 1             # no software pipelining of the walk's loads (registers are the limit)
 BWD_DOT = "split"          # bf16 backward dots: "split" (dz as bf16 hi + lo, float32-like) or "bf16"
 HALO = 16                  # rows of du recomputed past a run's end (>= K - 1, one dot tile)
