@@ -42,15 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch table for the GPU (tests pass smaller blocks). The forward was measured on the H200
-# (N=32k, d=128: 0.35 ms with 4 warps, 0.76 ms with 8; benchmarks/results/lawcat_layer.json)
-# before its addressing changed (32-bit offsets: no register spills left in an sm_90 build, 0.7 KB
-# per thread before). With 64-token blocks, 8 warps make Triton split one 64-row wgmma over two
-# warpgroups, a possible reason why 4 warps won. The backward is UNMEASURED on the H200 until the
-# next session runs `python -m benchmarks.lawcat_layer --components 32768` (its conv_feature_map
-# rows sweep these); the values below spill least in an sm_90 build without a GPU (triton 3.9,
-# cuobjdump, bf16, d = 128: 0.4 KB per thread with 8 warps, 1.4 KB with 4, 2 KB with 128-token
-# blocks; the two kernels it replaces spilled 0.6 and 2.4 KB).
+# Launch table for the GPU (tests pass smaller blocks), measured on the H200 at N = 32k, d = 128,
+# bf16 (`python -m benchmarks.lawcat_layer --components 32768`, benchmarks/results/lawcat_layer.json,
+# 2026-11-29): forward 0.34 ms per call with 64-token blocks and 4 warps (0.47 ms with 128-token
+# blocks and 8 warps); forward+backward 2.56 ms with a 4-warp backward, against 3.97 ms with 8
+# warps, 3.49 with 32-token blocks, 3.99 with two pipeline stages, 4.25 / 3.95 with 4 / 32 blocks
+# per program (the two-kernel backward it replaced: about 4.4 ms for the backward alone).
 FWD_BLOCK_T = 64
 FWD_WARPS = 4
 BWD_BLOCK_T = 64           # tokens per step of the backward walk

@@ -44,12 +44,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch table for the GPU (tests pass smaller chunks). UNMEASURED on the H200 until the next
-# session runs `python -m benchmarks.lawcat_layer --components 32768`, whose gate_normaliser rows
-# sweep these values; the sequential kernel it replaces ran 1.15 / 4.08 ms (fwd / fwd+bwd).
-# Chosen from an sm_90 build without a GPU (triton 3.9, cuobjdump, bf16, K = 128): every kernel
-# compiles without register spills (the per-chunk kernels use at most 134 registers per thread);
-# with 64-token chunks den spills with 4 warps, and the backward with 4 warps spills 1.1 KB.
+# Launch table for the GPU (tests pass smaller chunks), measured on the H200 at N = 32k, K = 128,
+# bf16 (`python -m benchmarks.lawcat_layer --components 32768`, 2026-11-29): 32-token chunks and
+# 64-feature blocks ran 1.11 / 3.31 ms (fwd / fwd+bwd without dg), against 1.14 / 4.08 with 128
+# features, 1.57 / 4.40 with 64-token chunks, 1.31 / 3.89 with 16-token chunks, and 3.59 with a
+# 4-warp backward; the sequential kernel it replaced ran 1.15 / 4.08 ms. The forward did not get
+# faster (it stays latency-bound at about 1.7 TB/s); the backward did.
 CHUNK = 32          # tokens per chunk: T / C programs per head and feature block
 BLOCK_F = 64        # features per program (den loops over the feature blocks)
 SCAN_BLOCK = 64     # chunk summaries per step of the carry scan
