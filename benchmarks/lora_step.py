@@ -18,6 +18,10 @@ so the first losses of petl and the baseline must agree (checked, reported).
   + ``fuse_lora``, gradient checkpointing on all but ``--keep`` layers; ``reference_s2``: peft
   unfused with the same S2 attention, two untimed steps, as the loss check for the petl row.
 * ``petl_reentrant*``: the petl rows with reentrant checkpointing (no per-tensor hooks).
+* Every CUDA row also reports ``host``: the host time to issue the forward, backward and optimizer
+  of a step that starts on an idle device, next to the device time of each phase (host ~ device
+  means the device waited for Python), and ``syncs``: device->host synchronisations in one step
+  by call site (``torch.cuda.set_sync_debug_mode``).
 * ``--profile``: one profiled step of baseline/petl at K5 (device time, launches, top kernels);
   ``--components``: each element-wise/loss kernel fwd+bwd against PyTorch and Liger (if installed).
 
@@ -103,13 +107,19 @@ def run_row(name: str, sizes: dict, device: str, batch: int, seq: int, *, lora_p
     gen = torch.Generator(device="cpu").manual_seed(2)
     batches = [torch.randint(0, sizes["vocab_size"], (batch, seq), generator=gen).to(device) for _ in range(4)]
 
-    def step(i: int) -> torch.Tensor:
+    def step(i: int, marks: list | None = None) -> torch.Tensor:
+        """One training step; ``marks`` collects (host clock, CUDA event) at the phase boundaries."""
+        mark = (lambda: marks.append(_mark())) if marks is not None else (lambda: None)
         ids = batches[i % len(batches)]
+        mark()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=ids, labels=ids).loss
+        mark()
         loss.backward()
+        mark()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark()
         return loss.detach()
 
     losses = [step(i) for i in range(warmup)]
@@ -132,15 +142,79 @@ def run_row(name: str, sizes: dict, device: str, batch: int, seq: int, *, lora_p
     sync()
     ms = [s.elapsed_time(e) for s, e in times] if device == "cuda" else [t * 1e3 for t in times]
     peak = torch.cuda.max_memory_allocated() / GIB if device == "cuda" and ms else None
+    host = _diagnose(lambda: _host_split(step, warmup + steps)) if device == "cuda" and ms else None
+    syncs = _diagnose(lambda: _count_syncs(lambda: step(0))) if device == "cuda" and ms else None
     prof = _profile(lambda: step(0)) if profile and device == "cuda" else None
     row = {"row": name, "tokens": f"{batch}x{seq}", "attention": attention, "fused": fused, "autocast": autocast,
            "lora_plus": lora_plus, "checkpointed_layers": sizes["num_hidden_layers"] - keep,
-           "checkpointing": "reentrant" if reentrant else "non-reentrant", "profile": prof,
+           "checkpointing": "reentrant" if reentrant else "non-reentrant", "host": host, "syncs": syncs,
+           "profile": prof,
            "ms_per_step": statistics.median(ms) if ms else None, "ms_all": ms,
            "tokens_per_s": batch * seq / (statistics.median(ms) / 1e3) if ms else None, "peak_gib": peak,
            "losses": [float(x) for x in losses], "trainable": sum(p.numel() for p in params),
            "parameters": sum(p.numel() for p in model.parameters())}
     return row
+
+
+def _diagnose(fn) -> dict:
+    """Run a diagnostic; its failure is reported in the row, not lost with the row's timings."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not cost the measured row
+        return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+
+
+def _mark():
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return time.perf_counter(), event
+
+
+def _host_split(step, first: int, repeats: int = 5) -> dict:
+    """Host (CPU) time to issue each phase of a step, against the device time of the same phase.
+
+    Each step starts on an idle device (synchronised), as it does after transformers' mask code
+    reads a device value at the start of every forward. Where a phase's host time is near its
+    device time the device waited for the host (launch-bound); a GPU-bound step issues each phase
+    well before the device finishes it. Medians over ``repeats`` steps, milliseconds.
+    """
+    phases = ("forward", "backward", "optimizer")
+    host = {p: [] for p in phases}
+    dev = {p: [] for p in phases}
+    wall = []
+    for i in range(first, first + repeats):
+        marks: list = []
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(i, marks)
+        torch.cuda.synchronize()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        for p, (a, b) in zip(phases, zip(marks, marks[1:])):
+            host[p].append((b[0] - a[0]) * 1e3)
+            dev[p].append(a[1].elapsed_time(b[1]))
+    out = {f"host_{p}_ms": statistics.median(host[p]) for p in phases}
+    out.update({f"device_{p}_ms": statistics.median(dev[p]) for p in phases})
+    out["wall_ms"] = statistics.median(wall)
+    return out
+
+
+def _count_syncs(step) -> dict:
+    """Device->host synchronisations in one step (``torch.cuda.set_sync_debug_mode``), by call site."""
+    counts: dict[str, int] = {}
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            site = f"{Path(w.filename).name}:{w.lineno}"
+            counts[site] = counts.get(site, 0) + 1
+    torch.cuda.synchronize()
+    return counts
 
 
 def _profile(step) -> dict:
@@ -177,6 +251,13 @@ def _print_row(r: dict) -> None:
     tps = f"{r['tokens_per_s'] / 1e3:.1f}k" if r["tokens_per_s"] else "-"
     print(f"{r['row']:<22} {r['tokens']:>9} {ms:>9} {tps:>9} {peak:>8}  "
           f"losses {', '.join(f'{x:.4f}' for x in r['losses'][:3])}", flush=True)
+    if r.get("host") and "error" not in r["host"] and "error" not in (r.get("syncs") or {}):
+        h = r["host"]
+        print(f"{'':<22} host/device ms: forward {h['host_forward_ms']:.1f}/{h['device_forward_ms']:.1f}, backward "
+              f"{h['host_backward_ms']:.1f}/{h['device_backward_ms']:.1f}, optimizer {h['host_optimizer_ms']:.1f}/"
+              f"{h['device_optimizer_ms']:.1f}; syncs {sum(r['syncs'].values())} {r['syncs']}", flush=True)
+    elif r.get("host") or r.get("syncs"):
+        print(f"{'':<22} diagnostics: {r.get('host')} {r.get('syncs')}", flush=True)
 
 
 def compare(rows: list[dict], target: str, petl: str, baselines: list[str], loss_ref: str, loss_steps: int) -> dict:

@@ -111,6 +111,68 @@ def test_swiglu_mlp_matches_peft(tokens, k, inter, targets, recompute):
     _assert_close(_grads(x, params), ref_grads)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_factors_in_their_own_dtype(recompute):
+    """float64 factors with float32 compute: the same outputs and gradients as casting them before the
+    call (autograd's ToCopy, the old path), gradients returned in float64; only activations are
+    handed to saved-tensor hooks (each one costs two Python calls per step under checkpointing)."""
+    from petl.kernels.lora_linear import Projection
+
+    torch.manual_seed(5)
+    f32 = torch.float32
+    x = torch.randn(9, 12, requires_grad=True)
+    ws = [torch.randn(n, 12) for n in (10, 6, 6)]
+    bias = torch.randn(10)
+    factors = [(torch.randn(4, 12, dtype=F64, requires_grad=True), torch.randn(n, 4, dtype=F64, requires_grad=True))
+               for n in (10, 6)] + [(None, None)]
+    ups = [torch.randn(9, n) for n in (10, 6, 6)]
+
+    def run(cast_outside: bool):
+        cast = (lambda t: t.to(f32) if t is not None else None) if cast_outside else (lambda t: t)
+        projs = [Projection(w, bias if i == 0 else None, cast(a), cast(b), 1.5 + i) for i, (w, (a, b)) in
+                 enumerate(zip(ws, factors))]
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            outs = lora_projections(x, projs)
+        sum((y * g).sum() for y, g in zip(outs, ups)).backward()
+        grads = [x.grad] + [t.grad for a, b in factors[:2] for t in (a, b)]
+        out = [o.detach() for o in outs] + [g.clone() for g in grads]
+        x.grad = None
+        for a, b in factors[:2]:
+            a.grad = b.grad = None
+        return out, packed
+
+    (new, packed), (old, _) = run(False), run(True)
+    assert len(packed) == 2  # x and xa
+    assert [g.dtype for g in new[4:]] == [F64] * 4
+    for a, b in zip(new, old):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    inter = 7
+    gate, up_, down = (torch.randn(inter, 12), torch.randn(inter, 12), torch.randn(12, inter))
+    fac = [(torch.randn(3, k, dtype=F64, requires_grad=True), torch.randn(n, 3, dtype=F64, requires_grad=True))
+           for k, n in ((12, inter), (12, inter), (inter, 12))]
+    dy = torch.randn(9, 12)
+
+    def mlp(cast_outside: bool):
+        cast = (lambda t: t.to(f32)) if cast_outside else (lambda t: t)
+        projs = [Projection(w, None, cast(a), cast(b), 2.5) for w, (a, b) in zip((gate, up_, down), fac)]
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            y = lora_swiglu_mlp(x, *projs, recompute=recompute, use_triton=False)
+        (y * dy).sum().backward()
+        out = [y.detach(), x.grad.clone()] + [t.grad.clone() for a, b in fac for t in (a, b)]
+        x.grad = None
+        for a, b in fac:
+            a.grad = b.grad = None
+        return out, packed
+
+    (new, packed), (old, _) = mlp(False), mlp(True)
+    assert len(packed) == (3 if recompute else 5)  # x, xa, ha (+ g, u)
+    for a, b in zip(new, old):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("num_items", [None, 7])
 def test_linear_cross_entropy_matches_torch(num_items):
     torch.manual_seed(1)

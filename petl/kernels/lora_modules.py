@@ -55,20 +55,42 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_LORA_LINEAR: Optional[type] = None
+
+
+def _lora_linear() -> type:
+    """peft's LoRA ``Linear`` class, imported once (an import statement per projection call is host time)."""
+    global _LORA_LINEAR
+    if _LORA_LINEAR is None:
+        from peft.tuners.lora import Linear
+
+        _LORA_LINEAR = Linear
+    return _LORA_LINEAR
+
+
+def _in_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def lora_projection(layer: nn.Module, dtype: torch.dtype) -> Optional[Projection]:
-    """The :class:`Projection` that ``layer`` computes, cast to ``dtype``, or None if it cannot be fused."""
+    """The :class:`Projection` that ``layer`` computes, or None if it cannot be fused.
+
+    The frozen weight and bias are cast to ``dtype`` (the compute dtype); the LoRA factors are
+    returned as they are (the fused Functions cast them once per group and return their
+    gradients in their own dtype). Runs for every projection on every forward (twice per step
+    under gradient checkpointing), so it reads submodules and parameters from the module
+    dictionaries rather than through ``nn.Module.__getattr__``.
+    """
     if layer._forward_hooks or layer._forward_pre_hooks:
         return None  # e.g. peft's per-call adapter_names hooks: keep the layer's own forward
     if type(layer) is nn.Linear:
         base, adapter = layer, None
     else:
-        from peft.tuners.lora import Linear as LoraLinear
-
-        if not isinstance(layer, LoraLinear) or getattr(layer, "fan_in_fan_out", False):
+        if not isinstance(layer, _lora_linear()) or getattr(layer, "fan_in_fan_out", False):
             return None
-        base = layer.get_base_layer()
+        base = layer._modules.get("base_layer")
         if type(base) is not nn.Linear:
-            return None
+            return None  # quantized or nested tuner layer: peft's own forward
         if layer.disable_adapters:
             if layer.merged:
                 return None  # peft unmerges on the fly here
@@ -76,24 +98,26 @@ def lora_projection(layer: nn.Module, dtype: torch.dtype) -> Optional[Projection
         elif layer.merged:
             adapter = None
         else:
-            active = [a for a in layer.active_adapters if a in layer.lora_A]
+            lora_a = layer._modules["lora_A"]._modules
+            active = [a for a in layer.active_adapters if a in lora_a]
             if len(active) > 1:
                 return None
             adapter = active[0] if active else None
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+    weight, bias = base._parameters["weight"], base._parameters.get("bias")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
         return None
-    bias = base.bias.to(dtype) if base.bias is not None else None
+    weight, bias = _in_dtype(weight, dtype), _in_dtype(bias, dtype)
     if adapter is None:
-        return Projection(base.weight.to(dtype), bias)
+        return Projection(weight, bias)
     if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(adapter):
         return None
-    dropout = layer.lora_dropout[adapter]
+    dropout = layer._modules["lora_dropout"]._modules[adapter]
     if isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training:
         warn_once(f"petl.kernels: LoRA dropout {dropout.p} has no fused kernel; those projections run peft's "
                   "unfused path while training (set lora_dropout=0 to fuse them)")
         return None
-    return Projection(base.weight.to(dtype), bias, layer.lora_A[adapter].weight.to(dtype),
-                      layer.lora_B[adapter].weight.to(dtype), float(layer.scaling[adapter]))
+    return Projection(weight, bias, layer._modules["lora_A"]._modules[adapter]._parameters["weight"],
+                      layer._modules["lora_B"]._modules[adapter]._parameters["weight"], float(layer.scaling[adapter]))
 
 
 class FusedRMSNorm:
@@ -133,10 +157,23 @@ class FusedSwiGLUMLP:
             dtype = compute_dtype(x)
             projs = [lora_projection(m, dtype) for m in (self.gate_proj, self.up_proj, self.down_proj)]
             if all(p is not None for p in projs):
-                y = lora_swiglu_mlp(x.to(dtype).reshape(-1, x.shape[-1]), *projs, recompute=self._recompute(),
+                y = lora_swiglu_mlp(_in_dtype(x, dtype).reshape(-1, x.shape[-1]), *projs, recompute=self._recompute(),
                                     use_triton=use_triton)
                 return y.view(*x.shape[:-1], -1)
         return super().forward(x)
+
+
+_ATTENTION_FUNCTIONS = None
+
+
+def _attention_functions():
+    """transformers' ``ALL_ATTENTION_FUNCTIONS`` registry, imported on first use."""
+    global _ATTENTION_FUNCTIONS
+    if _ATTENTION_FUNCTIONS is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        _ATTENTION_FUNCTIONS = ALL_ATTENTION_FUNCTIONS
+    return _ATTENTION_FUNCTIONS
 
 
 #: attention kwargs each family passes to the attention interface beyond Llama's
@@ -161,19 +198,17 @@ class FusedAttention:
         use_triton, (pq, pk, pv, po), dtype = plan
         kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
         bsz, seq, hidden = hidden_states.shape
-        x = hidden_states.to(dtype).reshape(bsz * seq, hidden)
+        x = _in_dtype(hidden_states, dtype).reshape(bsz * seq, hidden)
         q, k, v = lora_projections(x, (pq, pk, pv))
         q, k = apply_rope(q.view(bsz, seq, -1, self.head_dim), k.view(bsz, seq, -1, self.head_dim),
                           *position_embeddings, use_triton=use_triton)
         v = v.view(bsz, seq, -1, self.head_dim)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, type(self)._petl_eager)
+        attention = _attention_functions().get_interface(self.config._attn_implementation, type(self)._petl_eager)
         extras = _ATTENTION_EXTRAS.get(type(self)._petl_base.__name__, lambda m: {})(self)
         out, weights = attention(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, **extras, **kwargs)
-        (y,) = lora_projections(out.reshape(bsz * seq, -1).to(dtype), (po,))
+        (y,) = lora_projections(_in_dtype(out.reshape(bsz * seq, -1), dtype), (po,))
         return y.view(bsz, seq, -1), weights
 
     def _petl_plan(self, hidden_states, position_embeddings, args, kwargs):

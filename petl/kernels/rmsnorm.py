@@ -64,7 +64,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Triton RMSNorm; saves x and rstd ``[rows]`` (float32)."""
+    """Triton RMSNorm; saves x and rstd ``[rows]`` (float32), keeps the weight on ``ctx``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,13 +75,14 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         _rmsnorm_fwd[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), cols, eps, BLOCK=block,
                               num_warps=row_warps(block))
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape = x.shape
+        ctx.save_for_backward(x2, rstd)  # activations only: these pass through checkpointing's hooks
+        ctx.weight, ctx.shape = weight, x.shape  # a parameter, alive anyway
         return y.view(*x.shape[:-1], cols)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, weight, rstd = ctx.saved_tensors
+        x2, rstd = ctx.saved_tensors
+        weight = ctx.weight
         rows, cols = x2.shape
         dy2 = _rows(dy)
         block = triton.next_power_of_2(cols)

@@ -60,24 +60,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     bsz, seq, heads, dim = x.shape
     out = torch.empty((bsz, seq, heads, dim), dtype=x.dtype, device=x.device)
     half = dim // 2
+    cos_batch_stride = cos.stride(0) if cos.shape[0] > 1 else 0  # [1, L, D] serves every batch row
     _rope_kernel[(bsz * seq,)](x, cos, sin, out, seq, heads, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
-                               out.stride(1), out.stride(2), cos.stride(0), cos.stride(1), HALF=half,
+                               out.stride(1), out.stride(2), cos_batch_stride, cos.stride(1), HALF=half,
                                BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(half),
                                BACKWARD=backward, num_warps=4)
     return out
 
 
 class RoPEFunction(torch.autograd.Function):
-    """Rotate q and k (``[B, L, H, D]``) by cos/sin (``[B, L, D]``, possibly expanded); saves cos/sin."""
+    """Rotate q and k (``[B, L, H, D]``) by cos/sin (``[B or 1, L, D]``, last dim contiguous); keeps cos/sin."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        ctx.save_for_backward(cos, sin)
+        ctx.cos, ctx.sin = cos, sin  # shared by every layer and alive anyway: no checkpointing hooks
         return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
-        cos, sin = ctx.saved_tensors
+        cos, sin = ctx.cos, ctx.sin
         return _rotate(dq, cos, sin, True), _rotate(dk, cos, sin, True), None, None
 
 
@@ -91,9 +92,12 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         raise ValueError(f"apply_rope: cos {tuple(cos.shape)} does not match q {tuple(q.shape)} ([B, L, H, D], even D)")
     if not use_triton:
         return rope_reference(q, k, cos, sin)
-    bsz, seq = q.shape[:2]
-    cos = cos.to(q.dtype).expand(bsz, seq, -1)
-    sin = sin.to(q.dtype).expand(bsz, seq, -1)
-    if cos.stride(-1) != 1:
+    if cos.ndim != 3 or cos.shape[0] not in (1, q.shape[0]) or sin.shape != cos.shape:
+        raise ValueError(f"apply_rope: cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} must be [B or 1, L, D] "
+                         f"for q {tuple(q.shape)}")
+    # one cos/sin pair serves every layer of a forward: no copy unless the dtype or layout needs one
+    if cos.dtype != q.dtype:
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    if cos.stride(-1) != 1 or cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     return RoPEFunction.apply(q, k, cos, sin)
