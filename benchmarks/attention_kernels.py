@@ -7,8 +7,10 @@ Rows (per length; heads 32/32, and 32q/8kv at ``--gqa-lengths``), each timed for
 (a training forward: inputs require grad) and forward+backward with a random upstream gradient:
 full causal SDPA (the baseline), petl S2 through ``flex``, ``varlen``, ``grouped`` and ``triton``,
 and SF with 4 sinks through ``grouped``, ``triton`` and ``flex``. Probe rows (``--probe-lengths``)
-time variants of the grouped backend (SDPA kernel forced, the other sink join, repeated GQA K/V)
-that its defaults were chosen from. K4 rows time fwd+bwd at ``--k4-lengths`` with the peak memory.
+time variants of the grouped backend (SDPA kernel forced, the other sink joins, the segment op and
+the PyTorch merge of SF's "merge" mode, repeated GQA K/V) that its defaults were chosen from. K4
+rows time fwd+bwd at ``--k4-lengths`` with the peak memory. ``--merge-into`` adds a run to an
+existing results file (rows keep a ``run`` index; ratios never mix runs).
 
 Inputs are in transformers' memory layout (``[B, L, H, D]`` viewed as ``[B, H, L, D]``). Before any
 timing every path is checked at ``--check-length`` against the reference backend: its relative L2
@@ -38,13 +40,24 @@ SF = PatternConfig.from_params("sf", group_ratio=0.25, n_sink=4)
 SDPA = "sdpa_causal_full"
 MAIN = [SDPA, "s2_flex", "s2_varlen", "s2_grouped", "s2_triton", "sf_grouped", "sf_triton", "sf_flex"]
 PROBES = ["sdpa_causal_full[flash]", "sdpa_causal_full[cudnn]", "s2_grouped[flash]", "s2_grouped[cudnn]",
-          "sf_grouped[lower_right]", "s2_grouped[repeat_kv]"]
+          "sf_grouped[lower_right]", "sf_grouped[merge]", "sf_grouped[merge_flash]", "sf_grouped[merge_efficient]",
+          "sf_grouped[merge_torch]",
+          "s2_grouped[repeat_kv]", "sf_grouped[repeat_kv]"]
+#: probe name -> knobs of the grouped backend
+PROBE_KNOBS = {"flash": {"SDPA_PRIORITY": ("FLASH_ATTENTION",)}, "cudnn": {"SDPA_PRIORITY": ("CUDNN_ATTENTION",)},
+               "lower_right": {"SINK_MODE": "lower_right"}, "square": {"SINK_MODE": "square"},
+               "merge": {"SINK_MODE": "merge", "SEGMENT_OP": "cudnn"},
+               "merge_flash": {"SINK_MODE": "merge", "SEGMENT_OP": "flash"},
+               "merge_efficient": {"SINK_MODE": "merge", "SEGMENT_OP": "efficient"},
+               "merge_torch": {"SINK_MODE": "merge", "SEGMENT_OP": "cudnn", "MERGE_KERNELS": False},
+               "repeat_kv": {"NATIVE_GQA": False}}
 K4 = ["s2_grouped", "sf_grouped", "s2_triton", "sf_triton"]
 
 
 @contextlib.contextmanager
 def knobs(**values):
-    """Temporarily set module knobs of the grouped backend (SINK_MODE, NATIVE_GQA, SDPA_PRIORITY)."""
+    """Temporarily set module knobs of the grouped backend (SINK_MODE, NATIVE_GQA, SDPA_PRIORITY,
+    SEGMENT_OP, MERGE_KERNELS)."""
     old = {k: getattr(grouped, k) for k in values}
     for k, v in values.items():
         setattr(grouped, k, v)
@@ -76,8 +89,7 @@ def variant(name: str) -> tuple[Callable, PatternConfig | None]:
     pattern, backend = base.split("_", 1)
     cfg = S2 if pattern == "s2" else SF
     probe = probe.rstrip("]")
-    settings = {"flash": {"SDPA_PRIORITY": ("FLASH_ATTENTION",)}, "cudnn": {"SDPA_PRIORITY": ("CUDNN_ATTENTION",)},
-                "lower_right": {"SINK_MODE": "lower_right"}, "repeat_kv": {"NATIVE_GQA": False}}.get(probe, {})
+    settings = PROBE_KNOBS.get(probe, {})
 
     def fn(q, k, v):
         with knobs(**settings):
@@ -240,7 +252,13 @@ def main(argv: list[str] | None = None) -> dict:
                              "every path is still cross-checked against grouped at each timed length)")
     parser.add_argument("--only", nargs="*", default=None, help="time only these row names")
     parser.add_argument("--out", default="benchmarks/results/attention_kernels.json")
+    parser.add_argument("--merge-into", default=None,
+                        help="after the run (or, with --merge-only, instead of it) add this run's rows to that "
+                             "results file, keeping its earlier runs")
+    parser.add_argument("--merge-only", default=None, help="a finished run's JSON to merge into --merge-into")
     args = parser.parse_args(argv)
+    if args.merge_only:
+        return merge_runs(Path(args.merge_into), json.loads(Path(args.merge_only).read_text()))
     if not torch.cuda.is_available():
         raise SystemExit("attention_kernels needs a CUDA device")
     import transformers
@@ -260,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
         config=dict(batch=1, heads=args.heads, dim=args.dim, dtype="bfloat16", group_ratio=0.25, n_sink=4,
                     layout="[B, L, H, D] memory viewed as [B, H, L, D]",
                     grouped_defaults=dict(SINK_MODE=grouped.SINK_MODE, NATIVE_GQA=grouped.NATIVE_GQA,
-                                          SDPA_PRIORITY=grouped.SDPA_PRIORITY),
+                                          SDPA_PRIORITY=grouped.SDPA_PRIORITY, SEGMENT_OP=grouped.SEGMENT_OP,
+                                          CUDA_SEGMENT_OP=grouped.CUDA_SEGMENT_OP,
+                                          MERGE_KERNELS=grouped.MERGE_KERNELS),
                     timing=f"triton.testing.do_bench median, warmup {args.warmup} ms, rep {args.rep} ms",
                     flops="4*B*H*D*allowed_pairs forward, x3.5 forward+backward"),
         triton_import_error=triton_error, sdpa_kernel_choice={}, checks=[], cross_checks=[], rows=rows)
@@ -341,7 +361,36 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{length:>7} {kv:>3} {name:<26} {fwd:>9} {fb['ms']:>11.3f} {fb.get('speedup_vs_sdpa', 0):>7.2f} "
               f"{fb['tflops']:>8.1f} {fb['peak_gib']:>9.2f}")
     print(json.dumps(result["summary"]))
+    if args.merge_into:
+        merge_runs(Path(args.merge_into), result)
     return result
+
+
+RUN_KEYS = ("date", "command", "gpu", "torch", "triton", "transformers", "config", "triton_import_error",
+            "sdpa_kernel_choice", "checks", "cross_checks", "summary")
+
+
+def merge_runs(path: Path, new: dict) -> dict:
+    """Add run ``new`` to the results file ``path``: every row keeps a ``run`` index, ``runs`` holds
+    each run's date, command, versions, checks and summary (ratios never mix runs); the top level
+    describes the newest run."""
+    old = json.loads(path.read_text()) if path.exists() else None
+    runs, rows = [], []
+    if old is not None:
+        if "runs" in old:
+            runs, rows = list(old["runs"]), list(old["rows"])
+        else:  # a single-run file: it becomes run 0
+            runs = [dict(run=0, **{k: old[k] for k in RUN_KEYS if k in old})]
+            rows = [dict(r, run=0) for r in old["rows"]]
+    index = len(runs)
+    runs.append(dict(run=index, **{k: new[k] for k in RUN_KEYS if k in new}))
+    rows += [dict(r, run=index) for r in new["rows"]]
+    merged = dict(benchmark="attention_kernels", **{k: new[k] for k in RUN_KEYS if k in new},
+                  runs=runs, rows=rows)
+    merged["summary_by_run"] = {str(r["run"]): r.get("summary", {}) for r in runs}
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    print(f"merged run {index} ({len(new['rows'])} rows) into {path}")
+    return merged
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ CASES = [
     Case("s2_no_shifted_heads_batch2", "s2", batch=2, length=40, params={"shift_head_fraction": 0.0}),
     Case("sf_all_shifted_mqa_batch2", "sf", batch=2, heads=4, kv_heads=1, length=33,
          params={"shift_head_fraction": 1.0}),
+    # both head classes read the same KV head: their K/V gradients must add, not overwrite
+    Case("s2_mqa_classes_share_kv", "s2", heads=2, kv_heads=1, length=24, params={"group_size": 8}),
+    Case("sf_mqa_classes_share_kv", "sf", heads=4, kv_heads=1, length=40, params={"group_size": 8, "n_sink": 2}),
 ]
 #: (SINK_MODE, NATIVE_GQA) combinations; the first is the default
 MODES = [("square", True), ("lower_right", True), ("square", False)]

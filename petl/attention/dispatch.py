@@ -38,6 +38,8 @@ ENV_BACKEND = "PETL_ATTENTION_BACKEND"
 AUTO_ORDER = ("grouped", "triton", "flex")
 #: group sizes below which triton beats grouped on static rows: (S2, SF). Short cuDNN segments
 #: leave the GPU underused, and SF's prepended sinks cost grouped a copy and misaligned lengths.
+#: SF (G = L/4): triton measured fastest at 8k and 16k, grouped at 32k and 64k (runs 0 and 1 of
+#: attention_kernels.json; grouped's "merge" sink mode was not faster than "square").
 TRITON_BELOW_GROUP = (3072, 6144)
 _IMPLS: dict[str, Callable] = {"reference": reference_attention, "flex": flex_pattern_attention,
                                "varlen": varlen_pattern_attention, "grouped": grouped_pattern_attention}

@@ -14,12 +14,15 @@ The plan, per head class (unshifted heads ``[0, h0)``, shifted heads ``[h0, H)``
 * Segments with equal run lengths and sink counts whose starts are evenly spaced form a *bucket*:
   one SDPA call with batch ``B * count``. S2 with ``L % G == 0`` is three calls: all unshifted
   groups, the inner shifted groups ``[G/2 + kG, 3G/2 + kG)``, and the two shifted half-groups.
-* SF: a segment starting at ``a`` also sees the ``s = min(a, n_sink)`` sinks before it. They are
-  prepended to its keys, and in ``"square"`` mode to its queries as well, whose output rows are
-  dropped: then the concatenation is square and plain ``is_causal`` gives exactly "sinks + causal
-  inside the segment", on any SDPA kernel. ``"lower_right"`` mode prepends to the keys only and
-  uses ``causal_lower_right`` (PyTorch routes it to its flash kernel). Segments that contain the
-  sinks (``a == 0``) get none prepended, so nothing is seen twice.
+* SF: a segment starting at ``a`` also sees the ``s = min(a, n_sink)`` sinks before it. In the
+  default ``"square"`` mode they are prepended to its keys and queries, whose extra output rows
+  are dropped: then the concatenation is square and plain ``is_causal`` gives exactly "sinks +
+  causal inside the segment", on any SDPA kernel. ``"lower_right"`` mode prepends to the keys only
+  and uses ``causal_lower_right`` (PyTorch routes it to its flash kernel). ``"merge"`` mode
+  (opt-in, CUDA half precision) runs exactly S2's buckets through a fused causal op that returns
+  its log-sum-exp and merges the sink columns in afterwards
+  (:mod:`petl.kernels.attention_sink_merge`); elsewhere it falls back to ``"square"``. Segments
+  that contain the sinks (``a == 0``) see none extra, so nothing is seen twice.
 
 Copies: a bucket of back-to-back segments is a *view* of q/k/v in the ``[B, L, H, D]`` memory
 layout that transformers produces (``.view(B, L, H, D).transpose(1, 2)``) when ``B == 1`` or the
@@ -43,9 +46,18 @@ if TYPE_CHECKING:  # petl.attention imports this module: no runtime import back
     from petl.attention.layout import SequenceLayout
     from petl.attention.patterns import PatternConfig
 
-#: how SF sinks join a segment: "square" (queries and keys, plain is_causal) or "lower_right"
-#: (keys only, ``causal_lower_right``). Chosen from benchmarks/results/attention_kernels.json.
+#: how SF sinks join a segment: "square" (queries and keys, plain is_causal), "lower_right" (keys
+#: only, ``causal_lower_right``) or "merge" (log-sum-exp merge after S2's segment calls; "square"
+#: where no fused segment op can run). "square" measured fastest on the H200
+#: (benchmarks/results/attention_kernels.json: 32k GQA fwd+bwd square 17.2 ms, merge 18.0 ms).
 SINK_MODE = "square"
+#: "merge" mode's segment kernel (one of ``attention_sink_merge.SEGMENT_OPS``), or None: the
+#: fastest measured fused op on CUDA (:data:`CUDA_SEGMENT_OP`), "square" mode elsewhere.
+SEGMENT_OP: str | None = None
+CUDA_SEGMENT_OP = "cudnn"
+#: "merge" mode's sink columns as Triton kernels (True), PyTorch ops (False), or None: per
+#: :func:`petl.kernels.switch.use_kernels`.
+MERGE_KERNELS: bool | None = None
 #: GQA: pass un-repeated K/V with ``enable_gqa=True`` when the head split falls on a KV group
 #: boundary (no copy); False repeats the K/V heads. Chosen from the same measurements.
 NATIVE_GQA = True
@@ -70,7 +82,9 @@ class Part:
 class Bucket:
     """``count`` segments of the query heads ``[lo, hi)``, run as one SDPA call.
 
-    ``sink`` sink positions (``[0, sink)``) are prepended to the segment's ``runs``.
+    ``sink`` sink positions (``[0, sink)``) are prepended to the segment's ``runs``; in "merge"
+    mode ``sink`` is the widest sink set of the bucket's segments (segment ``g`` sees
+    ``min(its start, n_sink)``).
     """
 
     lo: int
@@ -92,6 +106,8 @@ class Plan:
     ``q_specs``/``kv_specs``: per bucket ``(lo, hi, count, parts, queries)`` over the query or
     key/value heads (``queries``: only the segment runs carry outputs and gradients; prepended
     sink rows are filler); ``kv_exact``: the runs of k/v cover each element exactly once.
+    "merge" mode: ``sink_specs`` cut the sinks ``[B, hk, sink, D]`` of the buckets with
+    ``sink_index[i] >= 0``.
     """
 
     buckets: tuple[Bucket, ...]
@@ -99,6 +115,8 @@ class Plan:
     kv_specs: tuple
     kv_exact: bool
     kv_ranges: tuple[tuple[int, int], ...]
+    sink_specs: tuple = ()
+    sink_index: tuple[int, ...] = ()
 
 
 def grouped_unsupported(cfg: PatternConfig, layout: SequenceLayout, query: torch.Tensor) -> str | None:
@@ -129,11 +147,13 @@ def _segments(cfg: PatternConfig, seq: int, group: int, shifted: bool) -> list[t
     return [((a, b - a),) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _buckets(cfg: PatternConfig, lo: int, hi: int, seq: int, group: int, shifted: bool) -> list[Bucket]:
-    """Group the segments of heads ``[lo, hi)`` into evenly spaced buckets of one shape."""
+def _buckets(cfg: PatternConfig, lo: int, hi: int, seq: int, group: int, shifted: bool,
+             merge: bool = False) -> list[Bucket]:
+    """Group the segments of heads ``[lo, hi)`` into evenly spaced buckets of one shape (``merge``:
+    whatever their sink counts, which the merge applies per segment)."""
     by_shape: dict[tuple, list[tuple[tuple[int, int], ...]]] = {}
     for seg in _segments(cfg, seq, group, shifted):
-        sink = min(seg[0][0], cfg.n_sink) if len(seg) == 1 else 0  # SF is never cyclic
+        sink = min(seg[0][0], cfg.n_sink) if len(seg) == 1 and not merge else 0  # SF is never cyclic
         by_shape.setdefault((tuple(n for _, n in seg), sink), []).append(seg)
     out = []
     for (lengths, sink), segs in by_shape.items():
@@ -147,7 +167,8 @@ def _buckets(cfg: PatternConfig, lo: int, hi: int, seq: int, group: int, shifted
                 run.append(s)
                 continue
             stride = run[1] - run[0] if len(run) > 1 else lengths[0]
-            out.append(Bucket(lo, hi, len(run), sink, (Part(run[0], stride, lengths[0]),)))
+            width = min(run[-1], cfg.n_sink) if merge else sink
+            out.append(Bucket(lo, hi, len(run), width, (Part(run[0], stride, lengths[0]),)))
             run = [s]
     return out
 
@@ -164,20 +185,26 @@ def make_plan(cfg: PatternConfig, num_heads: int, num_kv_heads: int, seq: int, s
     group = group_size_for(cfg, seq)
     h0 = cfg.shifted_from(num_heads)
     rep = num_heads // num_kv_heads
+    merge = sink_mode == "merge"
     buckets = []
     for lo, hi, shifted in ((0, h0, False), (h0, num_heads, True)):
         if hi > lo:
-            buckets += _buckets(cfg, lo, hi, seq, group, shifted)
-    q_specs, kv_specs, kv_ranges = [], [], []
+            buckets += _buckets(cfg, lo, hi, seq, group, shifted, merge)
+    q_specs, kv_specs, kv_ranges, sink_specs, sink_index = [], [], [], [], []
     for b in buckets:
         sink = (Part(0, 0, b.sink),) if b.sink else ()
-        q_specs.append((b.lo, b.hi, b.count, (sink if sink_mode == "square" else ()) + b.runs, True))
         kv_lo, kv_hi = b.lo // rep, -(-b.hi // rep)
         kv_ranges.append((kv_lo, kv_hi))
-        kv_specs.append((kv_lo, kv_hi, b.count, sink + b.runs, False))
-    classes = sorted({(lo // rep, -(-hi // rep)) for lo, hi in ((0, h0), (h0, num_heads)) if hi > lo})
+        q_specs.append((b.lo, b.hi, b.count, (sink if sink_mode == "square" else ()) + b.runs, True))
+        kv_specs.append((kv_lo, kv_hi, b.count, (() if merge else sink) + b.runs, False))
+        sink_index.append(len(sink_specs) if merge and b.sink else -1)
+        if merge and b.sink:
+            sink_specs.append((kv_lo, kv_hi, 1, sink, False))
+    # a list, not a set: two head classes on the same KV range (MQA) overlap completely
+    classes = sorted((lo // rep, -(-hi // rep)) for lo, hi in ((0, h0), (h0, num_heads)) if hi > lo)
     kv_exact = all(a[1] <= b[0] for a, b in zip(classes, classes[1:]))
-    return Plan(tuple(buckets), tuple(q_specs), tuple(kv_specs), kv_exact, tuple(kv_ranges))
+    return Plan(tuple(buckets), tuple(q_specs), tuple(kv_specs), kv_exact, tuple(kv_ranges), tuple(sink_specs),
+                tuple(sink_index))
 
 
 def pattern_pairs(cfg: PatternConfig, num_heads: int, seq: int, batch: int = 1) -> int:
@@ -303,6 +330,38 @@ def _priority():
     return sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_PRIORITY], set_priority=True)
 
 
+def merge_op(query: torch.Tensor) -> str | None:
+    """The segment op "merge" mode runs for this call, or None when SF falls back to "square"."""
+    if SINK_MODE != "merge":
+        return None
+    op = SEGMENT_OP or (CUDA_SEGMENT_OP if query.device.type == "cuda" else None)
+    if op is None:
+        return None
+    return op if _op_runs(op, query.device.type, query.dtype, query.shape[-1]) else None
+
+
+@lru_cache(maxsize=64)
+def _op_runs(op: str, device: str, dtype: torch.dtype, dim: int) -> bool:
+    """Whether segment op ``op`` exists in this torch and takes these inputs (fused ops: half
+    precision, head dim a multiple of 8 up to 128, as PyTorch's own SDPA dispatch requires)."""
+    if op == "math":
+        return True
+    if op == "cpu_flash":
+        return device == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    name = {"cudnn": "_scaled_dot_product_cudnn_attention", "flash": "_scaled_dot_product_flash_attention",
+            "efficient": "_scaled_dot_product_efficient_attention"}[op]
+    return (device == "cuda" and hasattr(torch.ops.aten, name) and hasattr(torch.ops.aten, name + "_backward")
+            and dtype in (torch.float16, torch.bfloat16) and dim % 8 == 0 and dim <= 128)
+
+
+def _merge_kernels(query: torch.Tensor) -> bool:
+    if MERGE_KERNELS is not None:
+        return MERGE_KERNELS
+    from petl.kernels.switch import use_kernels
+
+    return use_kernels(query.device)
+
+
 def grouped_pattern_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cfg: PatternConfig,
                               layout: SequenceLayout, scaling: float | None = None) -> torch.Tensor:
     """Pattern attention through fused causal SDPA on segment-batched views.
@@ -323,18 +382,36 @@ def grouped_pattern_attention(query: torch.Tensor, key: torch.Tensor, value: tor
         raise ValueError(f"backend='grouped' cannot run this call: {reason}; use backend='flex' or 'reference'")
     batch, heads, seq, dim = query.shape
     rep = heads // key.shape[1]
-    plan = make_plan(cfg, heads, key.shape[1], seq, SINK_MODE, NATIVE_GQA)
+    op = merge_op(query) if cfg.n_sink else None
+    sink_mode = "merge" if op else ("square" if SINK_MODE == "merge" else SINK_MODE)
+    plan = make_plan(cfg, heads, key.shape[1], seq, sink_mode, NATIVE_GQA)
     qs = _Gather.apply(query, plan.q_specs, True)
-    ks = _Gather.apply(key, plan.kv_specs, plan.kv_exact)
-    vs = _Gather.apply(value, plan.kv_specs, plan.kv_exact)
+    ks = _Gather.apply(key, plan.kv_specs + plan.sink_specs, plan.kv_exact)
+    vs = _Gather.apply(value, plan.kv_specs + plan.sink_specs, plan.kv_exact)
+    n_buckets = len(plan.buckets)
     outs = []
     with _priority():
-        for b, q, k, v, (kv_lo, kv_hi) in zip(plan.buckets, qs, ks, vs, plan.kv_ranges):
+        for i, (b, q, k, v, (kv_lo, kv_hi)) in enumerate(zip(plan.buckets, qs, ks, vs, plan.kv_ranges)):
             aligned = b.lo % rep == 0 and b.hi % rep == 0
             if rep > 1 and not (NATIVE_GQA and aligned):
                 first = b.lo - kv_lo * rep  # query head b.lo within the repeated kv range
                 k = k.repeat_interleave(rep, 1)[:, first:first + b.hi - b.lo]
                 v = v.repeat_interleave(rep, 1)[:, first:first + b.hi - b.lo]
             gqa = rep > 1 and NATIVE_GQA and aligned
-            outs.append(_sdpa(q, k, v, b.sink > 0 and SINK_MODE == "lower_right", scaling, gqa))
+            if sink_mode == "merge" and b.sink:
+                outs.append(_merged(q, k, v, ks[n_buckets + plan.sink_index[i]], vs[n_buckets + plan.sink_index[i]],
+                                    cfg, b, rep, kv_lo, dim ** -0.5 if scaling is None else scaling, op))
+                continue
+            outs.append(_sdpa(q, k, v, b.sink > 0 and sink_mode == "lower_right", scaling, gqa))
     return _Assemble.apply(((batch, seq, heads, dim), plan.q_specs), *outs)
+
+
+def _merged(q, k, v, sink_k, sink_v, cfg: PatternConfig, b: Bucket, rep: int, kv_lo: int, scale: float,
+            op: str) -> torch.Tensor:
+    """One bucket in "merge" mode: fused causal segments + log-sum-exp merge of the sinks."""
+    from petl.kernels.attention_sink_merge import SinkMeta, SinkSegmentAttention
+
+    part = b.runs[0]
+    meta = SinkMeta(count=b.count, start=part.start, stride=part.stride, n_sink=cfg.n_sink, width=b.sink,
+                    lo=b.lo, rep=rep, kv_lo=kv_lo)
+    return SinkSegmentAttention.apply(q, k, v, sink_k, sink_v, meta, scale, op, _merge_kernels(q))
