@@ -7,13 +7,19 @@ with q, k, v, x and the LAWCAT parameters requiring grad, random upstream gradie
 * ``sdpa_core``            - ``F.scaled_dot_product_attention(q, k, v, is_causal=True)``: what a
   softmax layer computes between its projections;
 * ``fla_chunk_gla_core``   - fla's ``chunk_gla`` alone on Hedgehog-like features (K = V = 128);
-* ``lawcat[fused+fla]``    - ``LawcatAttention.attend(x, q, k, v)`` on the fast path: petl's
-  Triton kernels (conv + feature map, gate + normaliser, division) around fla's ``chunk_gla``;
+* ``petl_prefill_core``    - petl's forward-only prefill kernels alone (kernel_prefill.py: gate,
+  normaliser, GLA and division from the raw gate logits) on the same features, V = 128;
+* ``lawcat[prefill]``      - ``LawcatAttention.attend(x, q, k, v)`` under ``no_grad``: conv + feature
+  map kernels, gate Linear layers, then the prefill kernels (what generation's prefill runs);
+* ``lawcat[fused+fla]``    - the fused path with fla's ``chunk_gla`` (the training path; its forward
+  row is timed with the prefill kernels switched off): petl's Triton kernels (conv + feature map,
+  gate + normaliser, division) around fla's ``chunk_gla``;
 * ``lawcat[torch+fla]``    - the same with ``kernels="off"``: PyTorch pre/post-processing, fla
   core over ``[v, 1]`` padded to 144 columns (N <= ``--slow-max``);
 * ``lawcat[torch+chunked]`` - the pure PyTorch path (chunked core), the fallback without fla
   (N <= ``--slow-max``);
-* ``softmax_layer`` / ``lawcat_layer[fused+fla]`` - whole modules with q/k/v/o projections.
+* ``softmax_layer`` / ``lawcat_layer[fused+fla]`` - whole modules with q/k/v/o projections (the
+  LAWCAT module's forward row runs under ``no_grad``, hence through the prefill kernels).
 
 Correctness is checked in the same run, before timing: at the smallest N every LAWCAT row and
 the core against the float32 recurrent reference (the same layer with ``backend="reference"``),
@@ -23,7 +29,9 @@ layer after prefilling 8k..128k tokens (bytes held, peak extra memory over 16 de
 fla autotunes ~10 kernels on first use; ``--fla-tuning short`` (default here) restricts them to
 one or two configurations each (petl/linear/fla_backend.py), ``full`` keeps fla's lists.
 
-Run: ``python -m benchmarks.lawcat_layer [--lengths 2048 ...] [--out PATH]``.
+Run: ``python -m benchmarks.lawcat_layer [--lengths 2048 ...] [--out PATH]``. ``--prefill-sweep N ...``
+times kernel_prefill.py's launch-table variants per pass instead; ``--prefill-table sweep`` then runs
+the layer rows with the fastest of them (recorded as ``prefill_table`` in the results).
 Writes ``benchmarks/results/lawcat_layer.json`` (or ``--out``).
 """
 from __future__ import annotations
@@ -93,6 +101,7 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
 
     from petl.linear import LawcatCache
     from petl.linear.fla_backend import fla_available, fla_chunk_gla, tuning_mode
+    from petl.linear.fused import fused_attend
 
     os.environ.pop("PETL_LAWCAT_BACKEND", None)
     cuda = torch.cuda.is_available()
@@ -112,6 +121,12 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
                   "hidden": H * D, "dtype": str(dtype)},
         "prefill": [], "checks": [], "decode": [],
     }
+    from petl.linear import kernel_prefill as kp
+
+    result["prefill_table"] = {"chunk": kp.CHUNK, "state_mode": kp.STATE_MODE, "state_bk": kp.STATE_BK,
+                               "state_bv": kp.STATE_BV, "update_bv": kp.UPDATE_BV, "out_bv": kp.OUT_BV,
+                               "warps": dict(kp.WARPS), "stages": dict(kp.STAGES),
+                               "state_dtype": str(kp.STATE_DTYPE), "state_split": kp.STATE_SPLIT}
     if has_fla:
         import fla
 
@@ -121,7 +136,8 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
     if os.path.isfile(out_path):
         with open(out_path) as fh:
             kept = {key: val for key, val in json.load(fh).items()
-                    if key in ("components", "components_previous", "gpu_tests")}
+                    if key in ("components", "components_previous", "gpu_tests", "prefill_sweep",
+                               "prefill_previous")}
 
     def save():
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
@@ -179,6 +195,25 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
                     o_ref = chunked_gla(fq.float(), fk.float(), fv.float(), fg)[0]
                 result["checks"].append({"N": N, "what": "fla chunk_gla vs float32 chunked form on the same inputs",
                                          "rel_err": _rel(o_fla, o_ref)})
+        # ---- petl's prefill kernels alone: the same features, raw gate logits instead of g
+        from petl.linear.chunked import chunked_gla
+        from petl.linear.kernel_prefill import lawcat_prefill
+
+        pq, pk = (torch.randn(1, N, H, Fd, device=dev, generator=gen).softmax(-1).to(dtype) for _ in range(2))
+        plog = (torch.randn(1, N, H, Fd, device=dev, generator=gen) + 3).to(dtype)
+        with torch.no_grad():
+            fwd = _bench(lambda: lawcat_prefill(pq, pk, v, plog, 16.0, out_dtype=dtype))
+            rows["petl_prefill_core"] = {"fwd_ms": fwd, "fwd_bwd_ms": None,
+                                         "tflops_fwd": _gla_flops(N, H, Fd, D) / fwd / 1e9}
+            if N == min(lengths):
+                o_k = lawcat_prefill(pq, pk, v, plog, 16.0, out_dtype=dtype)[0]
+                v1 = torch.cat([v.float(), torch.ones_like(v[..., :1]).float()], -1)      # [v, 1]
+                num, _ = chunked_gla(pq.float(), pk.float(), v1, F.logsigmoid(plog.float()) / 16.0)
+                result["checks"].append({"N": N, "what": "petl_prefill_core vs float32 chunked form (ones column)",
+                                         "rel_err": _rel(o_k, num[..., :-1] / (num[..., -1:] + 1e-10))})
+                del num
+        del pq, pk, plog
+        if has_fla:
             del fq, fk, fg, fv
 
         # ---- LAWCAT attention variants (LawcatAttention.attend)
@@ -188,12 +223,20 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
                 continue
             configure(kernels, backend)
             print(f"N={N}: lawcat[{name}]", flush=True)
-            with torch.no_grad():
-                outs[name] = lawcat.attend(x, q, k, v)
-                fwd = _bench(lambda: lawcat.attend(x, q, k, v))
+            with torch.no_grad():  # fwd of the training path: prefill kernels off
+                attend = (lambda: fused_attend(lawcat, x, q, k, v, None, None, backend, {"prefill": False})
+                          ) if kernels == "on" else (lambda: lawcat.attend(x, q, k, v))
+                outs[name] = attend()
+                fwd = _bench(attend)
             fb = _bench(lambda: lawcat.attend(xg, qg, kg, vg).backward(dy), grad_to_none=[qg, kg, vg, xg] + lawcat_params)
             rows[f"lawcat[{name}]"] = {"fwd_ms": fwd, "fwd_bwd_ms": fb,
                                        "tflops_fwd": _gla_flops(N, H, Fd, D) / fwd / 1e9}
+        configure(*variants[0][1:])
+        print(f"N={N}: lawcat[prefill]", flush=True)
+        with torch.no_grad():
+            outs["prefill"] = lawcat.attend(x, q, k, v)
+            fwd = _bench(lambda: lawcat.attend(x, q, k, v))
+        rows["lawcat[prefill]"] = {"fwd_ms": fwd, "fwd_bwd_ms": None, "tflops_fwd": _gla_flops(N, H, Fd, D) / fwd / 1e9}
         if N == min(lengths):
             configure("off", "reference")
             with torch.no_grad():  # bf16 -> fp32 -> bf16 leaves the weights unchanged
@@ -223,15 +266,18 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
             lambda: lawcat(xg, position_embeddings=pe)[0].backward(dyh), grad_to_none=lawcat_params + softmax_params + [xg])
 
         base = rows["sdpa_core"]
+        ratio = lambda a, b: a / b if a is not None and b is not None else None  # noqa: E731  (forward-only rows)
+        fmt = lambda val, spec: "-" if val is None else format(val, spec)  # noqa: E731
         for name, r in rows.items():
             r.update(N=N, impl=name, speedup_fwd_vs_sdpa=base["fwd_ms"] / r["fwd_ms"],
-                     speedup_fwd_bwd_vs_sdpa=base["fwd_bwd_ms"] / r["fwd_bwd_ms"])
+                     speedup_fwd_bwd_vs_sdpa=ratio(base["fwd_bwd_ms"], r["fwd_bwd_ms"]))
             if "fla_chunk_gla_core" in rows:
                 r["fwd_vs_fla_core"] = rows["fla_chunk_gla_core"]["fwd_ms"] / r["fwd_ms"]
-                r["fwd_bwd_vs_fla_core"] = rows["fla_chunk_gla_core"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+                r["fwd_bwd_vs_fla_core"] = ratio(rows["fla_chunk_gla_core"]["fwd_bwd_ms"], r["fwd_bwd_ms"])
             result["prefill"].append(r)
-            print(f"N={N:6d} {name:28s} fwd {r['fwd_ms']:9.3f} ms  fwd+bwd {r['fwd_bwd_ms']:9.3f} ms  "
-                  f"x sdpa: fwd {r['speedup_fwd_vs_sdpa']:6.2f}  fwd+bwd {r['speedup_fwd_bwd_vs_sdpa']:6.2f}", flush=True)
+            print(f"N={N:6d} {name:28s} fwd {r['fwd_ms']:9.3f} ms  fwd+bwd {fmt(r['fwd_bwd_ms'], '9.3f')} ms  "
+                  f"x sdpa: fwd {r['speedup_fwd_vs_sdpa']:6.2f}  fwd+bwd {fmt(r['speedup_fwd_bwd_vs_sdpa'], '6.2f')}",
+                  flush=True)
         del x, q, k, v, dy, qg, kg, vg, xg, outs
         if cuda:
             torch.cuda.empty_cache()
@@ -441,6 +487,107 @@ def components(N: int, out_path: str, heads: int = 32, head_dim: int = 128) -> d
     return result
 
 
+#: launch-table variants timed by ``--prefill-sweep`` (keys of lawcat_prefill's ``blocks``)
+PREFILL_VARIANTS = [
+    ("table", {}),
+    ("recurrent state pass (bk32 bv64)", {"state_mode": "recurrent"}),
+    ("scan bk16 bv64", {"state_bk": 16, "state_bv": 64}),
+    ("scan bk32 bv32", {"state_bk": 32, "state_bv": 32}),
+    ("update bv64", {"update_bv": 64}),
+    ("bf16 chunk states", {"state_dtype": "bfloat16"}),
+]
+
+
+def _prefill_blocks(table: dict) -> dict:
+    return {key: (getattr(torch, val) if key == "state_dtype" else val) for key, val in table.items()}
+
+
+def prefill_sweep(lengths: list[int], out_path: str, heads: int = 32, head_dim: int = 128) -> dict:
+    """Time petl's prefill kernels (kernel_prefill.py) per pass for each launch-table variant,
+    bf16, F = V = head_dim, after checking each variant against the float32 chunked form at the
+    smallest N. Stored under ``prefill_sweep`` in --out with the fastest variant at the largest N."""
+    import torch.nn.functional as F
+    import triton
+
+    from petl.linear import kernel_prefill as kp
+    from petl.linear.chunked import chunked_gla
+
+    H, Fd, V = heads, head_dim, head_dim
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # CPU: an interpreter smoke run
+    rows = []
+    for N in lengths:
+        gen = torch.Generator(device=dev).manual_seed(N)
+        pq, pk = (torch.randn(1, N, H, Fd, device=dev, generator=gen).softmax(-1).to(dtype) for _ in range(2))
+        v = torch.randn(1, N, H, V, device=dev, generator=gen).to(dtype)
+        lg = (torch.randn(1, N, H, Fd, device=dev, generator=gen) + 3).to(dtype)
+        ref = None
+        if N == min(lengths):
+            v1 = torch.cat([v.float(), torch.ones_like(v[..., :1]).float()], -1)          # [v, 1]
+            num, _ = chunked_gla(pq.float(), pk.float(), v1, F.logsigmoid(lg.float()) / 16.0)
+            ref = num[..., :-1] / (num[..., -1:] + 1e-10)
+            del num
+        args = (pq, pk, v, lg, None, 1 / 16.0)
+        for name, table in PREFILL_VARIANTS:
+            b = _prefill_blocks(table)
+            try:
+                with torch.no_grad():
+                    err = None
+                    if ref is not None:
+                        err = _rel(kp.lawcat_prefill(pq, pk, v, lg, 16.0, blocks=b)[0], ref)
+                        if not err < 1e-2:
+                            raise RuntimeError(f"rel err {err:.3g} vs float32 chunked form")
+                    total = _bench(lambda: kp.lawcat_prefill(pq, pk, v, lg, 16.0, blocks=b))
+                    state = _bench(lambda: kp._state_pass(*args, None, None, False, b))
+                    hs, zs, _, _ = kp._state_pass(*args, None, None, False, b)
+                    out = _bench(lambda: kp._output_pass(*args, hs, zs, 1e-10, dtype, b))
+                    del hs, zs
+                row = {"N": N, "variant": name, "blocks": table, "total_ms": total, "state_ms": state,
+                       "out_ms": out, "rel_err_vs_f32": err}
+                print(f"N={N} {name:34s} total {total:.3f} ms  state {state:.3f}  out {out:.3f}  err {err}", flush=True)
+            except Exception as exc:  # a variant that does not compile or fails its check
+                row = {"N": N, "variant": name, "blocks": table, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                print(f"N={N} {name:34s} FAILED {row['error']}", flush=True)
+            rows.append(row)
+        del pq, pk, v, lg, ref
+        if cuda:
+            torch.cuda.empty_cache()
+    timed = [r for r in rows if r["N"] == max(lengths) and "total_ms" in r]
+    best = min(timed, key=lambda r: r["total_ms"]) if timed else {"blocks": {}, "variant": "table"}
+    result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke run, not a result)",
+              "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([sys.executable, "-m", "benchmarks.lawcat_layer"] + sys.argv[1:]),
+              "H": H, "F": Fd, "V": V, "rows": rows, "best": best["blocks"], "best_variant": best["variant"]}
+    full = {}
+    if os.path.isfile(out_path):
+        with open(out_path) as fh:
+            full = json.load(fh)
+    full["prefill_sweep"] = result
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as fh:
+        json.dump(full, fh, indent=1)
+    print(f"fastest at N={max(lengths)}: {best['variant']} {best['blocks']}", flush=True)
+    return result
+
+
+def _set_prefill_table(table: dict) -> None:
+    """Apply launch-table overrides to petl/linear/kernel_prefill.py for this process (sweeps)."""
+    from petl.linear import kernel_prefill as kp
+
+    names = {"chunk": "CHUNK", "state_bk": "STATE_BK", "state_bv": "STATE_BV", "out_bv": "OUT_BV",
+             "state_split": "STATE_SPLIT", "state_mode": "STATE_MODE", "update_bv": "UPDATE_BV"}
+    for key, val in table.items():
+        if key in names:
+            setattr(kp, names[key], val)
+        elif key == "state_dtype":
+            kp.STATE_DTYPE = getattr(torch, val)
+        elif key.endswith(("_warps", "_stages")):
+            (kp.WARPS if key.endswith("_warps") else kp.STAGES)[key.split("_")[0]] = int(val)
+        else:
+            raise SystemExit(f"--prefill-table key {key!r} is not a kernel_prefill table entry")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
@@ -451,11 +598,26 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--prefill-table", default="",
+                    help="JSON overrides of kernel_prefill's launch table for this run, e.g. "
+                         "'{\"chunk\": 64, \"out_warps\": 4}' (keys as lawcat_prefill's blocks), or "
+                         "'sweep': the fastest variant of an earlier --prefill-sweep stored in --out")
+    ap.add_argument("--prefill-sweep", type=int, nargs="*", default=None,
+                    help="instead: time kernel_prefill's launch-table variants per pass at these N "
+                         "(stored under 'prefill_sweep' in --out)")
     ap.add_argument("--components", type=int, default=0,
                     help="instead: time each stage of the fused path at this N (stored under "
                          "'components' in --out, next to an earlier full run's rows)")
     args = ap.parse_args()
     os.environ["PETL_FLA_TUNING"] = args.fla_tuning
+    if args.prefill_sweep:
+        prefill_sweep(args.prefill_sweep, args.out, args.heads, args.head_dim)
+        return
+    if args.prefill_table == "sweep":
+        with open(args.out) as fh:
+            _set_prefill_table(json.load(fh)["prefill_sweep"]["best"])
+    elif args.prefill_table:
+        _set_prefill_table(json.loads(args.prefill_table))
     if args.components:
         components(args.components, args.out, args.heads, args.head_dim)
         return

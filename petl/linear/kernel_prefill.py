@@ -1,0 +1,438 @@
+"""petl's forward-only LAWCAT prefill kernels: gate, normaliser, GLA core and division in three launches.
+
+When no gradient is needed (generation's prefill, evaluation), the fused path's steps 3-5
+(``gate_normaliser`` + a GLA core + ``normalise``, about a dozen launches and fla's Python) are
+replaced by Triton kernels over chunks of C = 64 tokens. With g the log gate (from the raw
+logits, ``logsigmoid(x) / n``, 0 at padding), ``G_i`` its inclusive in-chunk cumulative sum, and
+``S_n [F, V]``, ``z_n [F]`` the numerator and normaliser states before chunk n:
+
+1. *chunk states* (``STATE_MODE = "scan"``, the default), two launches:
+   a. grid ``(chunks, B*H, V/BV)``, all chunks in parallel: the chunk's own update
+      ``U_n = (k exp(G_last - G))^T v``, its column sums ``u_n`` and decay ``a_n = exp(G_last)``;
+   b. grid ``(B*H, F/BK, V/BV)``, sequential over the chunks: ``S_{n+1} = a_n S_n + U_n`` (and
+      z), a stream of loads read two chunks ahead and stores, writing every ``S_n, z_n`` over the
+      ``U_n, u_n`` already consumed (and the final state for the cache).
+   ``"recurrent"`` does both in one sequential kernel (the gate arithmetic and the dots inside the
+   chain: measured 20-25% slower at 8k-32k on the H200; kept selectable for comparison);
+2. *output pass*, grid ``(chunks, B*H, V/BV)``, all chunks in parallel:
+   ``num = (q e^G) S_n + A v``, ``den = (q e^G) . z_n + rowsum(A)`` (the normaliser is the GLA
+   with a ones column), with ``A_ij = sum_f q_if k_jf exp(G_if - G_jf)`` for j <= i; then
+   ``o = num / (den + eps)`` written once in the model dtype.
+
+Memory: the chunk states are float32 ``[B*H, T/C, F, V]``, e.g. 1 GiB for 32k tokens, H = 32,
+F = V = 128 (``state_dtype=torch.bfloat16`` halves the copy the output pass reads).
+
+Precision: the dots take the model dtype (bf16/fp16) with float32 accumulation, like fla's; the
+state update splits its float32 operand ``k exp(G_last - G)`` into a rounded part and the rounding
+rest (two dots), so the carried state, which the cache keeps for decoding, holds about 16
+mantissa bits per update instead of 8.
+
+Stability: every exp in the state pass and in ``q e^G`` has a non-positive argument. The in-chunk
+scores factor as ``(q e^G)(k e^-G)^T`` when the chunk's largest total decay (``span = max_f
+-G_last,f``) is small enough that ``e^span`` is representable in the dot operands' dtype (the
+features are positive, so the sum has no cancellation and keeps the dtype's relative precision).
+Otherwise (strong gates: a log gate of -60 per token) the chunk's A is computed exactly, one key
+column at a time with every exponent ``G_i - G_j <= 0``, masked before the exp; slower, but it
+runs only for such chunks. Maths and references: docs/lawcat.md, :mod:`petl.linear.naive`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernel_normaliser import _log_gate
+
+# Launch table for the H200 (bf16, F = V = 128); tests and the benchmark override it with ``blocks``.
+CHUNK = 64                   # tokens per chunk (a power of 2 >= 16)
+STATE_MODE = "scan"          # "scan": chunk updates in parallel, then a streaming scan; "recurrent": one pass
+STATE_BK, STATE_BV = 32, 64  # "recurrent" state pass / "scan" scan: features x values per program
+UPDATE_BV = 128              # "scan" chunk-update pass: values per program
+OUT_BV = 128                 # output pass: values per program (the scores are recomputed per block)
+WARPS = {"state": 4, "update": 4, "out": 4}
+STAGES = {"state": 2, "update": 1, "out": 1}
+STATE_DTYPE = torch.float32  # the chunk start states written by pass 1 and read by pass 2
+STATE_SPLIT = True           # bf16/fp16: the state update's float32 operand as two dots (see above)
+#: largest in-chunk total decay for the factored scores: e^span must stay inside the dot dtype
+SPAN_MAX = {torch.bfloat16: 30.0, torch.float16: 8.0, torch.float32: 30.0}
+#: feature and value widths the kernels take (tiles are whole powers of 2); others fall back
+SUPPORTED_DIMS = (16, 32, 64, 128)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Output allocation (a seam for tests, which poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _tile(base, row0, local, cols, T, row_stride: tl.constexpr):
+    """Rows ``row0 + local`` x cols of a [T, row_stride] slab at ``base`` (zeros past T), raw dtype.
+    Only T masks the load: padding is applied afterwards with where (no dependent load on valid,
+    and NaN in padded rows is dropped)."""
+    rm = (row0 + local) < T
+    return tl.load(base + row0.to(tl.int64) * row_stride + (local[:, None] * row_stride + cols[None, :]),
+                   mask=rm[:, None], other=0.0)
+
+
+@triton.jit
+def _real_rows(valid_ptr, b, row0, local, T, HAS_VALID: tl.constexpr):
+    """[C] bool: rows inside the sequence that are real tokens (not padding)."""
+    rows = row0 + local
+    real = rows < T
+    if HAS_VALID:
+        real = real & (tl.load(valid_ptr + b * T + rows, mask=real, other=0) != 0)
+    return real
+
+
+@triton.jit
+def _state_kernel(k_ptr, v_ptr, x_ptr, valid_ptr, s0_ptr, z0_ptr, hs_ptr, zs_ptr, st_ptr, zt_ptr,
+                  T, NC, inv_norm,
+                  H: tl.constexpr, G: tl.constexpr, F: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, HAS_VALID: tl.constexpr, HAS_INIT: tl.constexpr,
+                  STORE_FINAL: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """Pass 1: chunk start states S_n [F, V] and z_n [F] of one (batch, head), feature and value block.
+
+    The loop is a dependent chain over the chunks; the next chunk's tiles are loaded at the top of
+    each step (before this step's arithmetic), so their memory latency overlaps the work."""
+    pid_bh = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    HKV: tl.constexpr = H // G
+    fk = pid_k * BK + tl.arange(0, BK)
+    fv = pid_v * BV + tl.arange(0, BV)
+    local = tl.arange(0, C)
+    s_off = fk[:, None] * V + fv[None, :]
+    if HAS_INIT:
+        S = tl.load(s0_ptr + pid_bh.to(tl.int64) * F * V + s_off).to(tl.float32)
+        z = tl.load(z0_ptr + pid_bh.to(tl.int64) * F + fk).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        z = tl.zeros([BK], dtype=tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * T * H * F + h * F
+    x_base = x_ptr + b.to(tl.int64) * T * HKV * F + (h // G) * F
+    v_base = v_ptr + b.to(tl.int64) * T * HKV * V + (h // G) * V
+    hs_base = hs_ptr + pid_bh.to(tl.int64) * NC * F * V
+    zs_base = zs_ptr + pid_bh.to(tl.int64) * NC * F
+    z_mask = fk + pid_v * F < F          # only the first value block writes z
+    first = pid_bh * 0                   # row 0 as a tensor (the tiles' row offsets are tensors)
+    x_n = _tile(x_base, first, local, fk, T, HKV * F)
+    k_n = _tile(k_base, first, local, fk, T, H * F)
+    v_n = _tile(v_base, first, local, fv, T, HKV * V)
+    r_n = _real_rows(valid_ptr, b, first, local, T, HAS_VALID)
+    for n in range(NC):
+        x, k, v, real = x_n, k_n, v_n, r_n
+        nxt = (n + 1) * C                # past T on the last step: masked loads, nothing read
+        x_n = _tile(x_base, nxt, local, fk, T, HKV * F)
+        k_n = _tile(k_base, nxt, local, fk, T, H * F)
+        v_n = _tile(v_base, nxt, local, fv, T, HKV * V)
+        r_n = _real_rows(valid_ptr, b, nxt, local, T, HAS_VALID)
+        tl.store(hs_base + n * F * V + s_off, S.to(hs_ptr.dtype.element_ty))
+        tl.store(zs_base + n * F + fk, z, mask=z_mask)
+        m = real[:, None]
+        g = tl.where(m, _log_gate(x.to(tl.float32), inv_norm), 0.0)
+        Gc = tl.cumsum(g, axis=0)
+        # the last row of the cumsum itself (not a separate sum): the last token's weight is exactly 1
+        g_last = tl.sum(tl.where((local == C - 1)[:, None], Gc, 0.0), axis=0)
+        k_dec = tl.where(m, k.to(tl.float32) * tl.exp(g_last[None, :] - Gc), 0.0)   # <= k: exponent <= 0
+        v = tl.where(m, v, 0.0).to(v_ptr.dtype.element_ty)
+        decay = tl.exp(g_last)
+        hi = k_dec.to(v_ptr.dtype.element_ty)
+        S = tl.dot(tl.trans(hi), v, acc=S * decay[:, None], input_precision=PREC)
+        if SPLIT:  # the rounding rest of k_dec as a second low-precision operand: ~16 mantissa bits
+            S = tl.dot(tl.trans((k_dec - hi.to(tl.float32)).to(v_ptr.dtype.element_ty)), v, acc=S,
+                       input_precision=PREC)
+        z = z * decay + tl.sum(k_dec, axis=0)
+    if STORE_FINAL:
+        tl.store(st_ptr + pid_bh.to(tl.int64) * F * V + s_off, S)
+        tl.store(zt_ptr + pid_bh.to(tl.int64) * F + fk, z, mask=z_mask)
+
+
+@triton.jit
+def _chunk_update_kernel(k_ptr, v_ptr, x_ptr, valid_ptr, u_ptr, uz_ptr, a_ptr, T, NC, inv_norm,
+                         H: tl.constexpr, G: tl.constexpr, F: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                         BV: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """Pass 1a ("scan" mode), all chunks in parallel: the chunk's own state update
+    ``U_n = (k exp(G_last - G))^T v`` [F, V], its column sums ``u_n`` [F] (the normaliser's update)
+    and its decay ``a_n = exp(G_last)`` [F]."""
+    n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    HKV: tl.constexpr = H // G
+    local = tl.arange(0, C)
+    fk = tl.arange(0, F)
+    fv = pid_v * BV + tl.arange(0, BV)
+    row0 = n * C
+    real = _real_rows(valid_ptr, b, row0, local, T, HAS_VALID)
+    m = real[:, None]
+    dt = v_ptr.dtype.element_ty
+    x = _tile(x_ptr + b.to(tl.int64) * T * (HKV * F) + (h // G) * F, row0, local, fk, T, HKV * F)
+    k = _tile(k_ptr + b.to(tl.int64) * T * (H * F) + h * F, row0, local, fk, T, H * F)
+    v = tl.where(m, _tile(v_ptr + b.to(tl.int64) * T * (HKV * V) + (h // G) * V, row0, local, fv, T, HKV * V),
+                 0.0).to(dt)
+    Gc = tl.cumsum(tl.where(m, _log_gate(x.to(tl.float32), inv_norm), 0.0), axis=0)
+    g_last = tl.sum(tl.where((local == C - 1)[:, None], Gc, 0.0), axis=0)   # the cumsum's own last row
+    k_dec = tl.where(m, k.to(tl.float32) * tl.exp(g_last[None, :] - Gc), 0.0)   # <= k: exponent <= 0
+    hi = k_dec.to(dt)
+    U = tl.dot(tl.trans(hi), v, input_precision=PREC)
+    if SPLIT:  # the rounding rest of k_dec as a second low-precision operand: ~16 mantissa bits
+        U = tl.dot(tl.trans((k_dec - hi.to(tl.float32)).to(dt)), v, acc=U, input_precision=PREC)
+    row = pid_bh.to(tl.int64) * NC + n
+    tl.store(u_ptr + row * (F * V) + (fk[:, None] * V + fv[None, :]), U)
+    first = fk + pid_v * F < F           # only the first value block writes the [F] vectors
+    tl.store(uz_ptr + row * F + fk, tl.sum(k_dec, axis=0), mask=first)
+    tl.store(a_ptr + row * F + fk, tl.exp(g_last), mask=first)
+
+
+@triton.jit
+def _state_scan_kernel(u_ptr, uz_ptr, a_ptr, s0_ptr, z0_ptr, hs_ptr, zs_ptr, st_ptr, zt_ptr, NC,
+                       F: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+    """Pass 1b ("scan" mode): ``S_{n+1} = a_n S_n + U_n`` (and z) over the chunks, writing each start
+    state; a stream of loads and stores with no dependent arithmetic, read two chunks ahead. hs / zs
+    may alias u / uz: chunk n's update is read two steps before its slot is overwritten."""
+    pid_bh = tl.program_id(0)
+    fk = tl.program_id(1) * BK + tl.arange(0, BK)
+    fv = tl.program_id(2) * BV + tl.arange(0, BV)
+    off = fk[:, None] * V + fv[None, :]
+    first = fk + tl.program_id(2) * F < F
+    if HAS_INIT:
+        S = tl.load(s0_ptr + pid_bh.to(tl.int64) * F * V + off).to(tl.float32)
+        z = tl.load(z0_ptr + pid_bh.to(tl.int64) * F + fk).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        z = tl.zeros([BK], dtype=tl.float32)
+    row0 = pid_bh.to(tl.int64) * NC
+    m1, m1v = off * 0 + 1 < NC, fk * 0 + 1 < NC
+    U0 = tl.load(u_ptr + row0 * (F * V) + off)
+    a0, z0 = tl.load(a_ptr + row0 * F + fk), tl.load(uz_ptr + row0 * F + fk)
+    U1 = tl.load(u_ptr + (row0 + 1) * (F * V) + off, mask=m1, other=0.0)
+    a1 = tl.load(a_ptr + (row0 + 1) * F + fk, mask=m1v, other=1.0)
+    z1 = tl.load(uz_ptr + (row0 + 1) * F + fk, mask=m1v, other=0.0)
+    for n in range(NC):
+        U, a, uz = U0, a0, z0
+        U0, a0, z0 = U1, a1, z1
+        ahead = row0 + n + 2
+        m2, m2v = off * 0 + n + 2 < NC, fk * 0 + n + 2 < NC
+        U1 = tl.load(u_ptr + ahead * (F * V) + off, mask=m2, other=0.0)
+        a1 = tl.load(a_ptr + ahead * F + fk, mask=m2v, other=1.0)
+        z1 = tl.load(uz_ptr + ahead * F + fk, mask=m2v, other=0.0)
+        tl.store(hs_ptr + (row0 + n) * (F * V) + off, S.to(hs_ptr.dtype.element_ty))
+        tl.store(zs_ptr + (row0 + n) * F + fk, z, mask=first)
+        S = a[:, None] * S + U
+        z = a * z + uz
+    if STORE_FINAL:
+        tl.store(st_ptr + pid_bh.to(tl.int64) * F * V + off, S)
+        tl.store(zt_ptr + pid_bh.to(tl.int64) * F + fk, z, mask=first)
+
+
+@triton.jit
+def _exact_scores(q_base, k_base, x_base, real, row0, local, T, inv_norm,
+                  QK_STRIDE: tl.constexpr, X_STRIDE: tl.constexpr, F: tl.constexpr, C: tl.constexpr):
+    """``A_ij = sum_f q_if k_jf exp(G_if - G_jf)`` for j <= i, one key column per step, every
+    exponent masked to <= 0 before the exp (the strong-gate path). Reloads its tiles, so the fast
+    path does not keep them live."""
+    fk = tl.arange(0, F)
+    m = real[:, None]
+    q = _tile(q_base, row0, local, fk, T, QK_STRIDE).to(tl.float32)
+    k = tl.where(m, _tile(k_base, row0, local, fk, T, QK_STRIDE).to(tl.float32), 0.0)
+    Gc = tl.cumsum(tl.where(m, _log_gate(_tile(x_base, row0, local, fk, T, X_STRIDE).to(tl.float32),
+                                         inv_norm), 0.0), axis=0)
+    A = tl.zeros([C, C], dtype=tl.float32)
+    for j in range(C):
+        sel = local == j
+        k_j = tl.sum(tl.where(sel[:, None], k, 0.0), axis=0)                   # row j of k   [F]
+        G_j = tl.sum(tl.where(sel[:, None], Gc, 0.0), axis=0)                  # row j of G   [F]
+        below = (local >= j)[:, None]
+        w = tl.exp(tl.where(below, Gc - G_j[None, :], float("-inf")))
+        col = tl.sum(q * k_j[None, :] * w, axis=1)                             # [C]
+        A = tl.where(sel[None, :], col[:, None], A)
+    return A
+
+
+@triton.jit
+def _output_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, o_ptr,
+                   T, NC, inv_norm, eps, span_max,
+                   H: tl.constexpr, G: tl.constexpr, F: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                   BV: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Pass 2: o = num / (den + eps) for one chunk of one (batch, head) and value block."""
+    n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    HKV: tl.constexpr = H // G
+    local = tl.arange(0, C)
+    fk = tl.arange(0, F)
+    fv = pid_v * BV + tl.arange(0, BV)
+    row0 = n * C
+    real = _real_rows(valid_ptr, b, row0, local, T, HAS_VALID)
+    m = real[:, None]
+    x_base = x_ptr + b.to(tl.int64) * T * (HKV * F) + (h // G) * F
+    q_base = q_ptr + b.to(tl.int64) * T * (H * F) + h * F
+    k_base = k_ptr + b.to(tl.int64) * T * (H * F) + h * F
+    v_base = v_ptr + b.to(tl.int64) * T * (HKV * V) + (h // G) * V
+    dt = v_ptr.dtype.element_ty
+    x = _tile(x_base, row0, local, fk, T, HKV * F)
+    q = _tile(q_base, row0, local, fk, T, H * F)
+    k = _tile(k_base, row0, local, fk, T, H * F)
+    v = tl.where(m, _tile(v_base, row0, local, fv, T, HKV * V), 0.0).to(dt)
+    g = tl.where(m, _log_gate(x.to(tl.float32), inv_norm), 0.0)
+    Gc = tl.cumsum(g, axis=0)                                                  # [C, F], <= 0
+    q_dec = q.to(tl.float32) * tl.exp(Gc)                                      # <= q
+    k_grow = tl.where(m, k.to(tl.float32) * tl.exp(-Gc), 0.0)                  # <= k e^span
+    A = tl.dot(q_dec.to(dt), tl.trans(k_grow.to(dt)), input_precision=PREC)
+    A = tl.where(local[:, None] >= local[None, :], A, 0.0)
+    span = tl.max(-tl.sum(g, axis=0), axis=0)
+    if span > span_max:  # strong gates: e^span would overflow the factored operands
+        A = _exact_scores(q_base, k_base, x_base, real, row0, local, T, inv_norm, H * F, HKV * F, F, C)
+    s_base = hs_ptr + (pid_bh.to(tl.int64) * NC + n) * F * V
+    S = tl.load(s_base + (fk[:, None] * V + fv[None, :]))
+    z = tl.load(zs_ptr + (pid_bh.to(tl.int64) * NC + n) * F + fk)
+    num = tl.dot(q_dec.to(dt), S.to(dt), input_precision=PREC)
+    num = tl.dot(A.to(dt), v, acc=num, input_precision=PREC)
+    den = tl.sum(q_dec * z[None, :], axis=1) + tl.sum(A, axis=1)
+    o = num / (den + eps)[:, None]
+    o_off = (b.to(tl.int64) * T + row0) * (H * V) + h * V
+    tl.store(o_ptr + o_off + (local[:, None] * (H * V) + fv[None, :]), o.to(o_ptr.dtype.element_ty),
+             mask=(row0 + local < T)[:, None])
+
+
+def prefill_supported(feature_size: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`lawcat_prefill` takes these widths and dtype (else use the other fused path)."""
+    return feature_size in SUPPORTED_DIMS and head_dim in SUPPORTED_DIMS and dtype in SPAN_MAX
+
+
+def _check_shapes(phi_q, phi_k, v, logits, valid, S0, z0) -> None:
+    B, T, H, Fd = phi_q.shape
+    if tuple(phi_k.shape) != (B, T, H, Fd):
+        raise ValueError(f"phi_k has shape {tuple(phi_k.shape)}, expected phi_q's {(B, T, H, Fd)}")
+    if v.dim() != 4 or v.shape[:2] != (B, T) or H % v.shape[2]:
+        raise ValueError(f"v has shape {tuple(v.shape)}; expected [B, T, H_kv, V] = [{B}, {T}, H_kv, V] "
+                         f"with H_kv dividing {H}")
+    Hkv, V = v.shape[2], v.shape[3]
+    if tuple(logits.shape) != (B, T, Hkv, Fd):
+        raise ValueError(f"gate logits have shape {tuple(logits.shape)}, expected [B, T, H_kv, F] = "
+                         f"{(B, T, Hkv, Fd)}")
+    if Fd not in SUPPORTED_DIMS or V not in SUPPORTED_DIMS:
+        raise ValueError(f"feature size {Fd} / head dim {V}: the prefill kernels take {SUPPORTED_DIMS}; "
+                         f"use fused_attend's other path (prefill_supported() says which)")
+    if T == 0:
+        raise ValueError("lawcat_prefill needs at least one token (T = 0); skip the call for empty inputs")
+    if valid is not None and tuple(valid.shape) != (B, T):
+        raise ValueError(f"valid has shape {tuple(valid.shape)}, expected {(B, T)}")
+    if (S0 is None) != (z0 is None):
+        raise ValueError("pass both initial states (S0 [B, H, F, V] and z0 [B, H, F]) or neither")
+    if S0 is not None and (tuple(S0.shape) != (B, H, Fd, V) or tuple(z0.shape) != (B, H, Fd)):
+        raise ValueError(f"initial states {tuple(S0.shape)} / {tuple(z0.shape)}, expected "
+                         f"{(B, H, Fd, V)} / {(B, H, Fd)}")
+
+
+def lawcat_prefill(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor,
+                   normalizer: float, valid: torch.Tensor | None = None,
+                   initial_state: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 1e-10,
+                   output_final_state: bool = False, out_dtype: torch.dtype | None = None,
+                   blocks: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Normalised gated linear attention forward (no autograd): LAWCAT's prefill in two launches.
+
+    Args:
+        phi_q, phi_k (torch.Tensor): feature-mapped queries/keys ``[B, T, H, F]`` (bf16, fp16 or
+            float32; phi_k zero at padding, as ``conv_feature_map`` writes it).
+        v (torch.Tensor): values ``[B, T, H_kv, V]`` (cast to phi's dtype); query head h reads
+            kv head ``h // (H / H_kv)``, as the gate does.
+        logits (torch.Tensor): gate logits ``[B, T, H_kv, F]`` (``GlaGate.logits``); the log gate is
+            ``logsigmoid(logits) / normalizer``, 0 at padding.
+        normalizer (float): the gate's normaliser.
+        valid (torch.Tensor, Optional): ``[B, T]`` bool/int, False at padding (gate 0, key and
+            value dropped there).
+        initial_state (tuple, Optional): ``(S0 [B, H, F, V], z0 [B, H, F])`` from the cache.
+        eps (float): added to the denominator. Default: 1e-10.
+        output_final_state (bool): also return the final ``S`` and ``z``. Default: False.
+        out_dtype (torch.dtype, Optional): dtype of o. Default: phi_q's.
+        blocks (dict, Optional): launch-table overrides (tests, benchmark sweeps): ``chunk``,
+            ``state_mode``, ``state_bk``, ``state_bv``, ``update_bv``, ``out_bv``, ``<pass>_warps``,
+            ``<pass>_stages`` (pass: state, update, out), ``state_dtype``, ``span_max``, ``state_split`` (False:
+            one bf16/fp16 dot for the state update instead of two).
+
+    Returns:
+        ``(o [B, T, H, V] in out_dtype, S [B, H, F, V] float32 or None, z [B, H, F] float32 or None)``.
+    """
+    S0, z0 = initial_state if initial_state is not None else (None, None)
+    _check_shapes(phi_q, phi_k, v, logits, valid, S0, z0)
+    blocks = blocks or {}
+    dtype = phi_q.dtype
+    args = (phi_q.contiguous(), phi_k.to(dtype).contiguous(), v.to(dtype).contiguous(), logits.contiguous(),
+            valid.to(torch.int8).contiguous() if valid is not None else None, 1.0 / float(normalizer))
+    hs, zs, sT, zT = _state_pass(*args, S0, z0, output_final_state, blocks)
+    o = _output_pass(*args, hs, zs, float(eps), out_dtype or dtype, blocks)
+    return o, sT, zT
+
+
+def _meta(q: torch.Tensor, v: torch.Tensor, valid, blocks: dict) -> dict:
+    B, T, H, Fd = q.shape
+    return dict(H=H, G=H // v.shape[2], F=Fd, V=v.shape[3], C=blocks.get("chunk", CHUNK),
+                HAS_VALID=valid is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _state_pass(q, k, v, x, valid, inv_norm, S0, z0, output_final_state, blocks):
+    """Pass 1 (chunk start states) on contiguous inputs: ``(hs [B*H, NC, F, V], zs [B*H, NC, F],
+    S_T, z_T)``; S_T and z_T are None unless ``output_final_state``."""
+    B, T, H, Fd = q.shape
+    V = v.shape[3]
+    meta = _meta(q, v, valid, blocks)
+    NC = triton.cdiv(T, meta["C"])
+    bk, bv = min(blocks.get("state_bk", STATE_BK), Fd), min(blocks.get("state_bv", STATE_BV), V)
+    dev = q.device
+    state_dtype = blocks.get("state_dtype", STATE_DTYPE)
+    split = q.dtype != torch.float32 and blocks.get("state_split", STATE_SPLIT)
+    sT = _empty((B, H, Fd, V), torch.float32, dev) if output_final_state else None
+    zT = _empty((B, H, Fd), torch.float32, dev) if output_final_state else None
+    mode = blocks.get("state_mode", STATE_MODE)
+    if mode not in ("scan", "recurrent"):
+        raise ValueError(f"state_mode={mode!r}: use 'scan' or 'recurrent'")
+    if mode == "recurrent":
+        hs = _empty((B * H, NC, Fd, V), state_dtype, dev)
+        zs = _empty((B * H, NC, Fd), torch.float32, dev)
+    else:  # chunk updates in parallel, then the scan (in place over them when the dtypes agree)
+        u = _empty((B * H, NC, Fd, V), torch.float32, dev)
+        uz = _empty((B * H, NC, Fd), torch.float32, dev)
+        a = _empty((B * H, NC, Fd), torch.float32, dev)
+        ubv = min(blocks.get("update_bv", UPDATE_BV), V)
+        _chunk_update_kernel[(NC, B * H, V // ubv)](
+            k, v, x, valid if valid is not None else q, u, uz, a, T, NC, inv_norm, BV=ubv, SPLIT=split,
+            num_warps=blocks.get("update_warps", WARPS["update"]),
+            num_stages=blocks.get("update_stages", STAGES["update"]), **meta)
+        hs = u if state_dtype == torch.float32 else _empty((B * H, NC, Fd, V), state_dtype, dev)
+        zs = uz
+    s0 = S0.float().contiguous() if S0 is not None else hs
+    z0c = z0.float().contiguous() if z0 is not None else zs
+    final = dict(HAS_INIT=S0 is not None, STORE_FINAL=output_final_state,
+                 num_warps=blocks.get("state_warps", WARPS["state"]))
+    outs = (hs, zs, sT if sT is not None else hs, zT if zT is not None else zs)
+    if mode == "recurrent":
+        _state_kernel[(B * H, Fd // bk, V // bv)](
+            k, v, x, valid if valid is not None else q, s0, z0c, *outs, T, NC, inv_norm, BK=bk, BV=bv,
+            SPLIT=split, num_stages=blocks.get("state_stages", STAGES["state"]), **final, **meta)
+    else:
+        _state_scan_kernel[(B * H, Fd // bk, V // bv)](
+            u, uz, a, s0, z0c, *outs, NC, F=Fd, V=V, BK=bk, BV=bv, num_stages=1, **final)
+    return hs, zs, sT, zT
+
+
+def _output_pass(q, k, v, x, valid, inv_norm, hs, zs, eps, out_dtype, blocks):
+    """Pass 2 on contiguous inputs and pass 1's chunk states: ``o [B, T, H, V]``."""
+    B, T, H, Fd = q.shape
+    V = v.shape[3]
+    meta = _meta(q, v, valid, blocks)
+    NC = triton.cdiv(T, meta["C"])
+    obv = min(blocks.get("out_bv", OUT_BV), V)
+    o = _empty((B, T, H, V), out_dtype, q.device)
+    _output_kernel[(NC, B * H, V // obv)](
+        q, k, v, x, valid if valid is not None else q, hs, zs, o, T, NC, inv_norm, eps,
+        float(blocks.get("span_max", SPAN_MAX[q.dtype])), BV=obv, num_warps=blocks.get("out_warps", WARPS["out"]),
+        num_stages=blocks.get("out_stages", STAGES["out"]), **meta)
+    return o
