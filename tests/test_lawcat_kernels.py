@@ -21,31 +21,22 @@ the GPU's bf16 semantics (see there).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.interpreter_child import HAS_TRITON, child_only, in_child, run_child_pytest
+
 CHILD_ENV = "PETL_LAWCAT_TRITON_CHILD"
-IN_CHILD = os.environ.get(CHILD_ENV) == "1"
-child = pytest.mark.skipif(not IN_CHILD, reason="runs inside the TRITON_INTERPRET=1 child of "
-                                                "test_kernels_under_triton_interpreter")
-HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+IN_CHILD = in_child(CHILD_ENV)
+child = child_only(CHILD_ENV)
 os.environ.setdefault("PETL_FLA_TUNING", "short")  # fla's first call compiles ~15 configs, not ~300
 
 
 @pytest.mark.skipif(IN_CHILD or not HAS_TRITON, reason="parent of the interpreter run / no triton")
 def test_kernels_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_ENV: "1"})
-    env.pop("PETL_KERNELS", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert int(summary.split(" passed")[0].split()[-1]) >= 15, summary  # every child test ran
+    run_child_pytest(__file__, CHILD_ENV, min_passed=15)
 
 
 # ----------------------------------------------------------------------------- helpers
