@@ -78,10 +78,10 @@ def _state_allowance(logits, valid, dtype, normalizer=16.0, chunk=64) -> tuple[f
     return cum + (2.0 ** -16 if dtype != torch.float32 else 0.0), cum
 
 
-def reference(phi_q, phi_k, v, logits, normalizer, valid=None, state=None, eps=1e-10, dtype=torch.float64):
-    """The recurrent reference at ``dtype``: ``(o, S_T, z_T)``; o = num / (den + eps), not cast."""
-    from petl.linear.naive import naive_recurrent_gla
-
+def _ones_column_gla(core, phi_q, phi_k, v, logits, normalizer, valid, state, eps, dtype):
+    """The normalised GLA through ``core`` (a GLA over ``[v, 1]``; the ones column gives the
+    normaliser) at ``dtype``: ``(o, S_T, z_T)``; o = num / (den + eps), not cast. GQA: the log
+    gates and v are repeated over each kv head's group; padded rows get g = 0, k = 0, v = 0."""
     G = phi_q.shape[2] // v.shape[2]
     g = (F.logsigmoid(logits.to(dtype)) / normalizer).repeat_interleave(G, dim=2)
     k, vv = phi_k.to(dtype), v.to(dtype).repeat_interleave(G, dim=2)
@@ -90,8 +90,15 @@ def reference(phi_q, phi_k, v, logits, normalizer, valid=None, state=None, eps=1
         g, k, vv = (torch.where(m, t, torch.zeros_like(t)) for t in (g, k, vv))
     v_aug = torch.cat([vv, torch.ones_like(vv[..., :1])], dim=-1)
     s0 = torch.cat([state[0].to(dtype), state[1].to(dtype)[..., None]], dim=-1) if state is not None else None
-    o, s = naive_recurrent_gla(phi_q.to(dtype), k, v_aug, g, s0)
-    return o[..., :-1] / (o[..., -1:] + eps), s[..., :-1], s[..., -1]
+    num, s = core(phi_q.to(dtype), k, v_aug, g, s0)
+    return num[..., :-1] / (num[..., -1:] + eps), s[..., :-1], s[..., -1]
+
+
+def reference(phi_q, phi_k, v, logits, normalizer, valid=None, state=None, eps=1e-10, dtype=torch.float64):
+    """The recurrent reference (:func:`~petl.linear.naive.naive_recurrent_gla`) at ``dtype``."""
+    from petl.linear.naive import naive_recurrent_gla
+
+    return _ones_column_gla(naive_recurrent_gla, phi_q, phi_k, v, logits, normalizer, valid, state, eps, dtype)
 
 
 def chunked_reference(phi_q, phi_k, v, logits, normalizer, valid=None, state=None, eps=1e-10,
@@ -100,16 +107,7 @@ def chunked_reference(phi_q, phi_k, v, logits, normalizer, valid=None, state=Non
     kernels use) at ``dtype``: the same-precision PyTorch computation for the tolerance rule."""
     from petl.linear.chunked import chunked_gla
 
-    G = phi_q.shape[2] // v.shape[2]
-    g = (F.logsigmoid(logits.to(dtype)) / normalizer).repeat_interleave(G, dim=2)
-    k, vv = phi_k.to(dtype), v.to(dtype).repeat_interleave(G, dim=2)
-    if valid is not None:
-        m = valid[:, :, None, None]
-        g, k, vv = (torch.where(m, t, torch.zeros_like(t)) for t in (g, k, vv))
-    v_aug = torch.cat([vv, torch.ones_like(vv[..., :1])], dim=-1)
-    s0 = torch.cat([state[0].to(dtype), state[1].to(dtype)[..., None]], dim=-1) if state is not None else None
-    num, s = chunked_gla(phi_q.to(dtype), k, v_aug, g, s0)
-    return num[..., :-1] / (num[..., -1:] + eps), s[..., :-1], s[..., -1]
+    return _ones_column_gla(chunked_gla, phi_q, phi_k, v, logits, normalizer, valid, state, eps, dtype)
 
 
 def make_inputs(B, T, H, Hkv, Fd, V, dtype, device="cpu", strong=False, pad=True, state=True, seed=0):
