@@ -14,33 +14,21 @@ dtype), both against float64, satisfy
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.interpreter_child import HAS_TRITON, child_only, in_child, run_child_pytest
 from tests.test_lawcat_kernels import bf16_interpreter  # noqa: F401, F811  (fixture: GPU bf16 semantics on CPU)
 
 CHILD_ENV = "PETL_LAWCAT_PREFILL_CHILD"
-IN_CHILD = os.environ.get(CHILD_ENV) == "1"
-child = pytest.mark.skipif(not IN_CHILD, reason="runs inside the TRITON_INTERPRET=1 child of "
-                                                "test_prefill_under_triton_interpreter")
-HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+IN_CHILD = in_child(CHILD_ENV)
+child = child_only(CHILD_ENV)
 
 
 @pytest.mark.skipif(IN_CHILD or not HAS_TRITON, reason="parent of the interpreter run / no triton")
 def test_prefill_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_ENV: "1"})
-    env.pop("PETL_KERNELS", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert int(summary.split(" passed")[0].split()[-1]) >= 14, summary  # every child test ran
+    run_child_pytest(__file__, CHILD_ENV, min_passed=14, timeout=600)
 
 
 # ----------------------------------------------------------------------------- helpers
