@@ -2,6 +2,7 @@
 
     python -m benchmarks.lora_step                 # H200: 862M Llama shape, bf16
     python -m benchmarks.lora_step --tiny          # CPU smoke run of the same code path
+    python -m benchmarks.lora_step --host-cpu      # CPU host-cost proxy (not a K5 number), see below
 
 Model: LlamaConfig(hidden 2048, 16 layers, 32 heads / 8 kv heads, intermediate 5632, vocab 32000,
 untied head), random init, bf16: 852.6M base parameters + 9.3M LoRA (r=16 on all seven linear
@@ -17,7 +18,16 @@ so the first losses of petl and the baseline must agree (checked, reported).
   Baselines as above with full attention; ``petl``: S2 attention (``use_attention(model, "s2")``)
   + ``fuse_lora``, gradient checkpointing on all but ``--keep`` layers; ``reference_s2``: peft
   unfused with the same S2 attention, two untimed steps, as the loss check for the petl row.
-* ``petl_reentrant*``: the petl rows with reentrant checkpointing (no per-tensor hooks).
+* ``petl``/``petl_keep*`` run ``fuse_lora``'s default ``layer_checkpoint="auto"``: every
+  checkpointed decoder layer is one self-checkpointing autograd Function
+  (:mod:`petl.kernels.lora_layer`). ``petl_per_module``: the same with ``layer_checkpoint=False``
+  (fused modules under transformers' non-reentrant checkpointing, the path before issue #5).
+* ``petl_reentrant*``: the per-module petl rows with reentrant checkpointing (no per-tensor hooks).
+* ``--host-cpu``: host cost on the CPU, a proxy for the launch-bound part of K5, not a K5 number: a
+  16-layer Llama with tiny widths (host-bound by construction), float32, 2 x 64 tokens; per row the
+  median wall time of a training step and the ATen ops dispatched by its forward and backward
+  (a ``TorchDispatchMode`` counter), for peft unfused, petl per-module and petl layer Function.
+  Written to ``results/lora_step_host_cpu.json``.
 * Every CUDA row also reports ``host``: the host time to issue the forward, backward and optimizer
   of a step that starts on an idle device, next to the device time of each phase (host ~ device
   means the device waited for Python), and ``syncs``: device->host synchronisations in one step
@@ -90,7 +100,7 @@ def set_checkpointing(model, keep: int, reentrant: bool = False) -> None:
 
 def run_row(name: str, sizes: dict, device: str, batch: int, seq: int, *, lora_plus: bool, attention: str,
             fused: bool, autocast: bool, keep: int, warmup: int, steps: int, reentrant: bool = False,
-            profile: bool = False) -> dict:
+            profile: bool = False, layer_checkpoint: bool | str = "auto") -> dict:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -100,7 +110,7 @@ def run_row(name: str, sizes: dict, device: str, batch: int, seq: int, *, lora_p
     if fused:
         from petl.kernels import fuse_lora
 
-        fuse_lora(model, kernels="on", triton=None if device == "cuda" else False)
+        fuse_lora(model, kernels="on", triton=None if device == "cuda" else False, layer_checkpoint=layer_checkpoint)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -148,6 +158,7 @@ def run_row(name: str, sizes: dict, device: str, batch: int, seq: int, *, lora_p
     row = {"row": name, "tokens": f"{batch}x{seq}", "attention": attention, "fused": fused, "autocast": autocast,
            "lora_plus": lora_plus, "checkpointed_layers": sizes["num_hidden_layers"] - keep,
            "checkpointing": "reentrant" if reentrant else "non-reentrant", "host": host, "syncs": syncs,
+           "layer_checkpoint": layer_checkpoint if fused else None,
            "profile": prof,
            "ms_per_step": statistics.median(ms) if ms else None, "ms_all": ms,
            "tokens_per_s": batch * seq / (statistics.median(ms) / 1e3) if ms else None, "peak_gib": peak,
@@ -362,8 +373,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-autocast-baseline", action="store_true")
     parser.add_argument("--components", action="store_true", help="also time each kernel against PyTorch/liger")
     parser.add_argument("--profile", action="store_true", help="profile one K5 step of petl and the baseline")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--host-cpu", action="store_true", help="CPU host-cost proxy: 16 tiny layers, ops and ms/step")
+    parser.add_argument("--out", default=None,
+                        help=f"result file (default {RESULTS}, or {HOST_RESULTS} with --host-cpu)")
     args = parser.parse_args(argv)
+    if args.host_cpu:
+        return host_cpu(args, argv)
+    args.out = args.out or str(RESULTS)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     sizes = TINY if args.tiny else FULL
     k5 = (2, 64) if args.tiny else (4, 2048)
@@ -378,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         plan += [("baseline", k5, False, "sdpa", False, False, 0, w, s, False)]
         plan += [("baseline_autocast", k5, False, "sdpa", False, True, 0, w, s, False) for _ in autocast_rows]
         plan += [("petl", k5, False, "sdpa", True, False, 0, w, s, False)]
+        plan += [("petl_per_module", k5, False, "sdpa", True, False, 0, w, s, False)]
         plan += [("petl_reentrant", k5, False, "sdpa", True, False, 0, w, s, True)]
     if "k6" in args.rows:
         w, s = args.warmup or 2, args.steps or 5
@@ -391,7 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             row = run_row(name, sizes, device, b, n, lora_plus=lora_plus, attention=attention, fused=fused,
                           autocast=autocast, keep=keep, warmup=warm, steps=steps, reentrant=reentrant,
-                          profile=args.profile and n == k5[1] and name in ("petl", "petl_reentrant", "baseline"))
+                          profile=args.profile and n == k5[1] and name in ("petl", "petl_reentrant", "baseline"),
+                          layer_checkpoint=False if name.startswith(("petl_per_module", "petl_reentrant")) else "auto")
         except Exception as exc:  # keep the other rows; the error is reported in the table and JSON
             traceback.print_exc()
             first = str(exc).splitlines()[0][:200] if str(exc) else ""
@@ -405,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = []
     base = ["baseline", "baseline_autocast"]
     if "k5" in args.rows:
-        for petl in ("petl", "petl_reentrant"):
+        for petl in ("petl", "petl_per_module", "petl_reentrant"):
             summary.append(compare([r for r in rows if r["tokens"] == f"{k5[0]}x{k5[1]}"], "K5", petl, base,
                                    "baseline", 3))
     if "k6" in args.rows:
@@ -421,6 +439,100 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": rows, "summary": summary, "components": comp}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+HOST_RESULTS = Path(__file__).parent / "results" / "lora_step_host_cpu.json"
+HOST_SIZES = dict(hidden_size=64, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=128)
+
+
+def _count_ops(fn) -> tuple[int, object]:
+    """(ATen ops dispatched while ``fn`` runs, its result); CPU autograd runs in this thread, so backward counts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        out = fn()
+    return Counter.n, out
+
+
+def host_cpu(args, argv) -> dict:
+    """Host cost per training step on the CPU: peft unfused vs petl per-module vs petl layer Function."""
+    from petl.kernels import fuse_lora
+
+    torch.set_num_threads(1)  # host work, not arithmetic: keep the rows comparable on a shared machine
+    batch, seq = 2, 64
+    steps, warmup = args.steps or 10, args.warmup or 2
+    rows_plan = [("peft_unfused", None), ("petl_per_module", False), ("petl_layer", "auto")]
+    ids = torch.randint(0, HOST_SIZES["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(2))
+    steps_of, losses_of = {}, {}
+    for name, mode in rows_plan:
+        model = build(HOST_SIZES, "cpu", False, "sdpa").float()
+        set_checkpointing(model, 0)
+        if mode is not None:
+            fuse_lora(model, kernels="on", triton=False, layer_checkpoint=mode)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, opt=opt):
+            """(loss, ms of forward, ms of backward, ms of the whole step)."""
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            return float(loss), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t0) * 1e3
+
+        steps_of[name] = (model, step)
+        losses_of[name] = [step()[0] for _ in range(warmup)]
+    times = {name: [] for name, _ in rows_plan}
+    for _ in range(steps):  # rows interleaved: load from other processes hits them alike
+        for name, _ in rows_plan:
+            loss, *ms = steps_of[name][1]()
+            losses_of[name].append(loss)
+            times[name].append(ms)
+    rows = []
+    print(f"{'row (CPU host proxy)':<22} {'ms/step':>9} {'fwd ms':>8} {'bwd ms':>8} {'fwd ops':>8} {'bwd ops':>8} "
+          f"{'loss':>10}", flush=True)
+    for name, mode in rows_plan:
+        model = steps_of[name][0]
+        fwd_ops, loss = _count_ops(lambda: model(input_ids=ids, labels=ids).loss)
+        bwd_ops, _ = _count_ops(loss.backward)
+        model.zero_grad(set_to_none=True)
+        fwd, bwd, total = (statistics.median(t[i] for t in times[name]) for i in range(3))
+        row = {"row": name, "layer_checkpoint": mode, "tokens": f"{batch}x{seq}", "ms_per_step": total,
+               "ms_forward": fwd, "ms_backward": bwd, "ms_all": [t[2] for t in times[name]],
+               "forward_aten_ops": fwd_ops, "backward_aten_ops": bwd_ops, "losses": losses_of[name]}
+        rows.append(row)
+        print(f"{name:<22} {total:>9.1f} {fwd:>8.1f} {bwd:>8.1f} {fwd_ops:>8} {bwd_ops:>8} {row['losses'][0]:>10.6f}",
+              flush=True)
+    base = rows[0]
+    for r in rows[1:]:
+        r["speedup_vs_peft"] = base["ms_per_step"] / r["ms_per_step"]
+        r["ops_ratio_vs_peft"] = (r["forward_aten_ops"] + r["backward_aten_ops"]) / (
+            base["forward_aten_ops"] + base["backward_aten_ops"])
+        print(f"{r['row']}: {r['speedup_vs_peft']:.2f}x peft's step rate, {r['ops_ratio_vs_peft']:.2f}x its ATen ops",
+              flush=True)
+    result = {"benchmark": "lora_step --host-cpu", "note": "CPU host-cost proxy (16 tiny layers), not a K5 number",
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": "python -m benchmarks.lora_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "device": "cpu", "threads": torch.get_num_threads(), "versions": _versions(),
+              "model": {**HOST_SIZES, "tie_word_embeddings": False, "lora_r": 16, "lora_alpha": 32, "targets": TARGETS,
+                        "dtype": "float32", "checkpointing": "non-reentrant, every layer"},
+              "rows": rows}
+    out = Path(args.out or HOST_RESULTS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -23,14 +23,18 @@ import torch
 from torch import nn
 
 from petl.kernels.cross_entropy import IGNORE_INDEX, causal_lm_loss
+from petl.kernels.lora_layer import LAYER_CHECKPOINT_MODES, FusedDecoderLayer
 from petl.kernels.lora_modules import FusedAttention, FusedRMSNorm, FusedSwiGLUMLP, kernel_plan
 from petl.kernels.switch import KERNEL_MODES
 
-#: model_type -> (modeling module, attention class, MLP class, RMSNorm class)
+#: model_type -> (modeling module, attention class, MLP class, RMSNorm class, decoder layer class)
 SUPPORTED = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralAttention", "MistralMLP", "MistralRMSNorm"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm",
+              "LlamaDecoderLayer"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralAttention", "MistralMLP", "MistralRMSNorm",
+                "MistralDecoderLayer"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm",
+              "Qwen2DecoderLayer"),
 }
 _STATE = "_petl_fused"
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -67,7 +71,8 @@ def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def fuse_lora(model: nn.Module, kernels: Optional[str] = None, *, triton: Optional[bool] = None,
-              fused_loss: bool = True, mlp_recompute: Optional[bool] = None) -> nn.Module:
+              fused_loss: bool = True, mlp_recompute: Optional[bool] = None,
+              layer_checkpoint: bool | str = "auto") -> nn.Module:
     """Switch a Llama/Mistral/Qwen2 causal LM (or a peft ``PeftModel`` of one) to petl's fused kernels.
 
     Args:
@@ -84,6 +89,12 @@ def fuse_lora(model: nn.Module, kernels: Optional[str] = None, *, triton: Option
         mlp_recompute (bool, Optional): recompute gate/up in the MLP backward (saves
             ``2 * intermediate_size`` activations per token); None: only in layers that gradient
             checkpointing does not replay.
+        layer_checkpoint (bool | str): run each decoder layer as one self-checkpointing autograd
+            Function (:mod:`petl.kernels.lora_layer`: the forward records no graph and saves only
+            the layer input; the backward recomputes the layer and calls each op's backward
+            directly). ``"auto"``: when the model trains with gradient checkpointing (it then
+            replaces transformers' per-layer ``torch.utils.checkpoint``); True: whenever training
+            with gradients; False: the per-module fused path. Default: ``"auto"``.
 
     Returns:
         ``model``, modified in place (undo with :func:`unfuse_lora`).
@@ -93,6 +104,8 @@ def fuse_lora(model: nn.Module, kernels: Optional[str] = None, *, triton: Option
     """
     if kernels not in (None,) + KERNEL_MODES:
         raise ValueError(f"fuse_lora: kernels={kernels!r} is not a kernel mode; use one of {KERNEL_MODES}")
+    if not any(layer_checkpoint is m for m in LAYER_CHECKPOINT_MODES):
+        raise ValueError(f"fuse_lora: layer_checkpoint={layer_checkpoint!r} is not one of True, False, 'auto'")
     base = _base_model(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     if model_type not in SUPPORTED:
@@ -102,17 +115,22 @@ def fuse_lora(model: nn.Module, kernels: Optional[str] = None, *, triton: Option
         unfuse_lora(model)
     module_path, *names = SUPPORTED[model_type]
     classes = [getattr(importlib.import_module(module_path), n) for n in names]
-    mixins = dict(zip(classes, (FusedAttention, FusedSwiGLUMLP, FusedRMSNorm)))
+    mixins = dict(zip(classes, (FusedAttention, FusedSwiGLUMLP, FusedRMSNorm, FusedDecoderLayer)))
     swaps = [(name, m) for name, m in base.named_modules() if type(m) in mixins and "forward" not in m.__dict__]
-    owners = {id(child): parent for parent in base.modules() for child in parent.children()}
     for name, module in swaps:
         new = _rebuild(module, _fused_class(type(module), mixins[type(module)]))
         new._petl_kernels, new._petl_triton = kernels, triton
         if isinstance(new, FusedSwiGLUMLP):
             new._petl_recompute = mlp_recompute
-            owner = owners.get(id(module))
-            new._petl_owner = weakref.ref(owner) if owner is not None else None
+        if isinstance(new, FusedDecoderLayer):
+            new._petl_layer_checkpoint = layer_checkpoint
+            new.__dict__["_petl_gc"] = bool(new.__dict__.pop("gradient_checkpointing", False))
         _swap(base, name, new)
+    owners = {id(child): parent for parent in base.modules() for child in parent.children()}  # after the swaps
+    for module in base.modules():
+        if isinstance(module, FusedSwiGLUMLP):
+            owner = owners.get(id(module))
+            module._petl_owner = weakref.ref(owner) if owner is not None else None
     hooks = _install_loss_hooks(model, base, kernels, triton) if fused_loss else []
     setattr(base, _STATE, {"modules": [n for n, _ in swaps], "hooks": hooks})
     return model
@@ -127,7 +145,11 @@ def unfuse_lora(model: nn.Module) -> nn.Module:
     for name in state["modules"]:
         module = base.get_submodule(name)
         if hasattr(type(module), "_petl_base"):
-            _swap(base, name, _rebuild(module, type(module)._petl_base))
+            old = _rebuild(module, type(module)._petl_base)
+            if isinstance(module, FusedDecoderLayer):
+                old.__dict__.pop("_petl_gc", None)
+                old.__dict__["gradient_checkpointing"] = module._petl_gc
+            _swap(base, name, old)
     for handle in state["hooks"]:
         handle.remove()
     delattr(base, _STATE)

@@ -16,12 +16,51 @@ hooks); the frozen weights and the factors cast to the compute dtype stay on ``c
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+from torch.nn.functional import linear
 
-from petl.kernels.lora_linear import Projection, cast_factors, project_backward, project_forward, unflat
+from petl.kernels.lora_linear import Factors, Projection, cast_factors, project_backward, project_forward, unflat
 from petl.kernels.swiglu import swiglu, swiglu_backward
+
+
+def swiglu_mlp_forward(x: torch.Tensor, projs: Sequence[Projection], gate_up: Factors, down: Factors,
+                       use_triton: bool, need_y: bool = True):
+    """(y ``[T, K_out]`` or None, xa ``[T, r_g + r_u]``, g, u ``[T, I]``, ha ``[T, r_d]``) for x ``[T, K]``.
+
+    Host function (no autograd) shared by :class:`LoRASwiGLUFunction` and the fused decoder layer.
+    ``need_y=False`` skips the down projection's frozen matmul (a recomputation needs only ``ha``).
+    """
+    gate, up, down_p = projs
+    (g, u), xa = project_forward(x, (gate, up), gate_up)
+    h = swiglu(g, u, use_triton)
+    if need_y:
+        (y,), ha = project_forward(h, (down_p,), down)
+    else:
+        y, ha = None, (linear(h, down.a) if down.a is not None else None)
+    return y, xa, g, u, ha
+
+
+def swiglu_mlp_backward(dy: torch.Tensor, x: torch.Tensor, xa, ha, g: torch.Tensor, u: torch.Tensor,
+                        projs: Sequence[Projection], gate_up: Factors, down: Factors, need_dx: bool, use_triton: bool,
+                        inplace: bool):
+    """(dx ``[T, K]`` or None, [dA_g, dB_g, dA_u, dB_u, dA_d, dB_d]) for upstream ``dy`` ``[T, K_out]``.
+
+    ``inplace``: g and u are the caller's own recomputed buffers and may be overwritten.
+    """
+    gate, up, down_p = projs
+    dh = dy @ down_p.weight
+    d_down: list[Optional[torch.Tensor]] = [None, None]
+    a_d, b_d = down.a, down.bs[0]
+    if b_d is not None:
+        dyb = (dy @ b_d).mul_(down_p.scaling)
+        dh.addmm_(dyb, a_d)
+    h, dg, du = swiglu_backward(dh, g, u, use_triton, inplace=inplace)
+    if b_d is not None:
+        d_down = [(dyb.t() @ h).to(down_p.lora_a.dtype), (dy.t() @ ha).mul_(down_p.scaling).to(down_p.lora_b.dtype)]
+    dx, d_gu = project_backward(x, xa, (gate, up), (dg, du), need_dx, gate_up)
+    return dx, [*d_gu, *d_down]
 
 
 class LoRASwiGLUFunction(torch.autograd.Function):
@@ -30,14 +69,12 @@ class LoRASwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scalings: tuple[float, float, float], recompute: bool, use_triton: bool,
                 *params: Optional[torch.Tensor]):
-        gate, up, down = unflat(params, scalings)
-        gate_up = cast_factors((gate, up), x.dtype)
-        down_f = cast_factors((down,), x.dtype)
-        (g, u), xa = project_forward(x, (gate, up), gate_up)
-        h = swiglu(g, u, use_triton)
-        (y,), ha = project_forward(h, (down,), down_f)
+        projs = unflat(params, scalings)
+        gate_up = cast_factors(projs[:2], x.dtype)
+        down_f = cast_factors(projs[2:], x.dtype)
+        y, xa, g, u, ha = swiglu_mlp_forward(x, projs, gate_up, down_f, use_triton)
         ctx.recompute, ctx.use_triton = recompute, use_triton
-        ctx.projs, ctx.gate_up, ctx.down = (gate, up, down), gate_up, down_f
+        ctx.projs, ctx.gate_up, ctx.down = projs, gate_up, down_f
         kept = (None, None) if recompute else (g, u)
         ctx.save_for_backward(x, xa, ha, *kept)
         return y
@@ -45,20 +82,11 @@ class LoRASwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, xa, ha, g, u = ctx.saved_tensors
-        gate, up, down = ctx.projs
         if ctx.recompute:
-            (g, u), _ = project_forward(x, (gate, up), ctx.gate_up)
-        dh = dy @ down.weight
-        d_down: list[Optional[torch.Tensor]] = [None, None]
-        a_d, b_d = ctx.down.a, ctx.down.bs[0]
-        if b_d is not None:
-            dyb = (dy @ b_d).mul_(down.scaling)
-            dh.addmm_(dyb, a_d)
-        h, dg, du = swiglu_backward(dh, g, u, ctx.use_triton, inplace=ctx.recompute)
-        if b_d is not None:
-            d_down = [(dyb.t() @ h).to(down.lora_a.dtype), (dy.t() @ ha).mul_(down.scaling).to(down.lora_b.dtype)]
-        dx, d_gu = project_backward(x, xa, (gate, up), (dg, du), ctx.needs_input_grad[0], ctx.gate_up)
-        grads = [None, None, *d_gu[0:2], None, None, *d_gu[2:4], None, None, *d_down]
+            (g, u), _ = project_forward(x, ctx.projs[:2], ctx.gate_up)
+        dx, d = swiglu_mlp_backward(dy, x, xa, ha, g, u, ctx.projs, ctx.gate_up, ctx.down, ctx.needs_input_grad[0],
+                                    ctx.use_triton, inplace=ctx.recompute)
+        grads = [None, None, *d[0:2], None, None, *d[2:4], None, None, *d[4:6]]
         return (dx, None, None, None, *grads)
 
 

@@ -149,7 +149,10 @@ class FusedSwiGLUMLP:
         if self._petl_recompute is not None:
             return self._petl_recompute
         owner = self._petl_owner() if self._petl_owner is not None else None
-        return not (owner is not None and getattr(owner, "gradient_checkpointing", False) and owner.training)
+        # a self-checkpointing decoder layer (petl.kernels.lora_layer) keeps transformers' flag in _petl_gc
+        checkpointed = owner is not None and owner.__dict__.get("_petl_gc", getattr(owner, "gradient_checkpointing",
+                                                                                      False))
+        return not (checkpointed and owner.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused, use_triton = kernel_plan(x.device, self._petl_kernels, self._petl_triton)

@@ -63,38 +63,66 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
+                     use_triton: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y ``[rows, H]``, rstd ``[rows]`` float32) for rows ``x2`` ``[rows, H]`` (last dim contiguous).
+
+    Host function shared by :class:`RMSNormFunction` and the fused decoder layer
+    (:mod:`petl.kernels.lora_layer`). y has dtype ``promote(x.dtype, weight.dtype)``.
+    """
+    if not use_triton:
+        rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + eps)
+        return weight * (x2.float() * rstd[:, None]).to(x2.dtype), rstd
+    rows, cols = x2.shape
+    block = triton.next_power_of_2(cols)
+    y = torch.empty((rows, cols), dtype=torch.promote_types(x2.dtype, weight.dtype), device=x2.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x2.device)
+    _rmsnorm_fwd[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), cols, eps, BLOCK=block,
+                          num_warps=row_warps(block))
+    return y, rstd
+
+
+def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dw: bool,
+                      use_triton: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dx ``[rows, H]`` in x's dtype, dw ``[H]`` in weight's dtype or None) for upstream ``dy2`` ``[rows, H]``.
+
+    The PyTorch form computes in float32 (float64 for float64 inputs) with the formula of the
+    module docstring; the cast of the normalised value is treated as the identity, as in the kernel.
+    """
+    if not use_triton:
+        ct = torch.promote_types(x2.dtype, torch.float32)
+        n = x2.to(ct) * rstd.to(ct)[:, None]
+        dn = dy2.to(ct) * weight.to(ct)
+        dx = ((dn - n * (dn * n).mean(-1, keepdim=True)) * rstd.to(ct)[:, None]).to(x2.dtype)
+        dw = (dy2.to(ct) * n.to(x2.dtype).to(ct)).sum(0).to(weight.dtype) if need_dw else None
+        return dx, dw
+    rows, cols = x2.shape
+    block = triton.next_power_of_2(cols)
+    progs = max(1, min(rows, 512))
+    per = triton.cdiv(rows, progs)
+    progs = triton.cdiv(rows, per)
+    dx = torch.empty_like(x2)
+    dw_part = torch.empty((progs, cols), dtype=torch.float32, device=x2.device) if need_dw else rstd
+    _rmsnorm_bwd[(progs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0), rows,
+                           cols, per, BLOCK=block, HAS_DW=bool(need_dw), num_warps=row_warps(block))
+    return dx, (dw_part.sum(0).to(weight.dtype) if need_dw else None)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Triton RMSNorm; saves x and rstd ``[rows]`` (float32), keeps the weight on ``ctx``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = _rows(x)
-        rows, cols = x2.shape
-        block = triton.next_power_of_2(cols)
-        y = torch.empty((rows, cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        _rmsnorm_fwd[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), cols, eps, BLOCK=block,
-                              num_warps=row_warps(block))
+        y, rstd = rms_norm_forward(x2, weight, eps)
         ctx.save_for_backward(x2, rstd)  # activations only: these pass through checkpointing's hooks
         ctx.weight, ctx.shape = weight, x.shape  # a parameter, alive anyway
-        return y.view(*x.shape[:-1], cols)
+        return y.view(*x.shape[:-1], x2.shape[1])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, rstd = ctx.saved_tensors
-        weight = ctx.weight
-        rows, cols = x2.shape
-        dy2 = _rows(dy)
-        block = triton.next_power_of_2(cols)
-        progs = max(1, min(rows, 512))
-        per = triton.cdiv(rows, progs)
-        progs = triton.cdiv(rows, per)
-        has_dw = bool(ctx.needs_input_grad[1])
-        dx = torch.empty_like(x2)
-        dw_part = torch.empty((progs, cols), dtype=torch.float32, device=x2.device) if has_dw else rstd
-        _rmsnorm_bwd[(progs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0), rows,
-                               cols, per, BLOCK=block, HAS_DW=has_dw, num_warps=row_warps(block))
-        dw = dw_part.sum(0).to(weight.dtype) if has_dw else None
+        dx, dw = rms_norm_backward(_rows(dy), x2, ctx.weight, rstd, bool(ctx.needs_input_grad[1]))
         return dx.view(ctx.shape), dw, None
 
 

@@ -68,18 +68,53 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     return out
 
 
+def rope_backward_reference(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Transpose of the rotation in plain PyTorch: ``d1 = g1 c1 + g2 s2``, ``d2 = g2 c2 - g1 s1`` per half."""
+    half = cos.shape[-1] // 2
+    c1, c2 = cos[..., :half].unsqueeze(2), cos[..., half:].unsqueeze(2)
+    s1, s2 = sin[..., :half].unsqueeze(2), sin[..., half:].unsqueeze(2)
+
+    def back(g):
+        g1, g2 = g[..., :half], g[..., half:]
+        return torch.cat((g1 * c1 + g2 * s2, g2 * c2 - g1 * s1), dim=-1)
+
+    return back(dq), back(dk)
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
+    """cos/sin ``[B or 1, L, D]`` in ``dtype`` with a contiguous last dim, as the kernel reads them (no copy if so)."""
+    if cos.dtype != dtype:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    if cos.stride(-1) != 1 or cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_triton: bool = True):
+    """Rotated (q, k), ``[B, L, H, D]``; host function (no autograd). Triton needs :func:`rope_tables` cos/sin."""
+    if not use_triton:
+        return rope_reference(q, k, cos, sin)
+    return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
+
+
+def rope_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_triton: bool = True):
+    """(dq, dk) before the rotation for upstream ``dq``/``dk`` ``[B, L, H, D]``; host function."""
+    if not use_triton:
+        return rope_backward_reference(dq, dk, cos, sin)
+    return _rotate(dq, cos, sin, True), _rotate(dk, cos, sin, True)
+
+
 class RoPEFunction(torch.autograd.Function):
     """Rotate q and k (``[B, L, H, D]``) by cos/sin (``[B or 1, L, D]``, last dim contiguous); keeps cos/sin."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         ctx.cos, ctx.sin = cos, sin  # shared by every layer and alive anyway: no checkpointing hooks
-        return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
+        return rope_forward(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
-        cos, sin = ctx.cos, ctx.sin
-        return _rotate(dq, cos, sin, True), _rotate(dk, cos, sin, True), None, None
+        return (*rope_backward(dq, dk, ctx.cos, ctx.sin), None, None)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_triton: bool = True):
@@ -96,8 +131,5 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         raise ValueError(f"apply_rope: cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} must be [B or 1, L, D] "
                          f"for q {tuple(q.shape)}")
     # one cos/sin pair serves every layer of a forward: no copy unless the dtype or layout needs one
-    if cos.dtype != q.dtype:
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    if cos.stride(-1) != 1 or cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = rope_tables(cos, sin, q.dtype)
     return RoPEFunction.apply(q, k, cos, sin)
