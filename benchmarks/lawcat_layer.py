@@ -495,6 +495,9 @@ PREFILL_VARIANTS = [
     ("scan bk32 bv32", {"state_bk": 32, "state_bv": 32}),
     ("update bv64", {"update_bv": 64}),
     ("bf16 chunk states", {"state_dtype": "bfloat16"}),
+    ("chunk 128", {"chunk": 128}),
+    ("chunk 128, out 8 warps", {"chunk": 128, "out_warps": 8}),
+    ("chunk 128, out bv64 8 warps", {"chunk": 128, "out_bv": 64, "out_warps": 8}),
 ]
 
 
@@ -571,6 +574,99 @@ def prefill_sweep(lengths: list[int], out_path: str, heads: int = 32, head_dim: 
     return result
 
 
+#: ``--prefill-layer`` variants: fused_attend ``blocks`` (``prefill_<key>`` for kernel_prefill's
+#: launch table, ``fwd`` / ``fwd_warps`` for the conv + feature-map kernel's forward)
+LAYER_VARIANTS = [
+    ("table", {}),
+    ("float32 chunk states", {"prefill_state_dtype": torch.float32}),
+    ("out bv64", {"prefill_out_bv": 64}),
+    ("out 2 stages", {"prefill_out_stages": 2}),
+    ("update 2 stages", {"prefill_update_stages": 2}),
+    ("scan bk16", {"prefill_state_bk": 16}),
+    ("scan 8 warps", {"prefill_state_warps": 8}),
+    ("chunk 128, out 8 warps", {"prefill_chunk": 128, "prefill_out_warps": 8}),
+    ("features: 128-token blocks, 8 warps", {"fwd": 128, "fwd_warps": 8}),
+]
+
+
+def prefill_layer(lengths: list[int], out_path: str, heads: int = 32, head_dim: int = 128) -> dict:
+    """K7's forward row per launch-table variant: ``LawcatAttention.attend`` under no_grad (conv +
+    feature maps, gate Linear layers, prefill kernels) for each ``LAYER_VARIANTS`` entry, against
+    SDPA causal in the same run. Every variant is checked against the table's output at every N,
+    and at the smallest N the table against the float32 PyTorch path (chunked core). Stored under
+    ``prefill_layer`` in --out with the fastest variant per N."""
+    import torch.nn.functional as F
+    import transformers
+    import triton
+
+    from petl.linear.fused import fused_attend
+
+    cuda = torch.cuda.is_available()
+    dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
+    H, D = heads, head_dim
+    _, _, lawcat, _ = _layers(H, H, D, dtype, dev)
+    lawcat.lawcat_config.kernels, lawcat.lawcat_config.backend = "on", "chunked"
+    rows, checks, best = [], [], {}
+    for N in lengths:
+        gen = torch.Generator(device=dev).manual_seed(N)
+        rnd = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=gen)  # noqa: E731
+        x, q, k, v = rnd(1, N, H * D), rnd(1, N, H, D), rnd(1, N, H, D), rnd(1, N, H, D)
+        with torch.no_grad():
+            qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            sdpa = _bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+            del qs, ks, vs
+            print(f"N={N:6d} {'sdpa causal':40s} {sdpa:8.3f} ms", flush=True)
+            rows.append({"N": N, "impl": "sdpa_core", "fwd_ms": sdpa})
+            table = fused_attend(lawcat, x, q, k, v, None, None, "chunked")
+            if N == min(lengths):
+                lawcat.lawcat_config.kernels = "off"   # bf16 -> fp32 -> bf16 leaves the weights unchanged
+                ref = lawcat.float().attend(x.float(), q.float(), k.float(), v.float())
+                lawcat.to(dtype)
+                lawcat.lawcat_config.kernels = "on"
+                checks.append({"N": N, "what": f"table ({dtype}) vs float32 PyTorch path (chunked)",
+                               "rel_err": _rel(table, ref)})
+                del ref
+            for name, blocks in LAYER_VARIANTS:
+                shown = {key: str(val).replace("torch.", "") for key, val in blocks.items()}
+                try:
+                    err = _rel(fused_attend(lawcat, x, q, k, v, None, None, "chunked", blocks), table)
+                    checks.append({"N": N, "what": f"{name} vs table", "rel_err": err})
+                    if not err < 1e-2:
+                        raise RuntimeError(f"rel err {err:.3g} vs the table's output")
+                    fwd = _bench(lambda: fused_attend(lawcat, x, q, k, v, None, None, "chunked", blocks))
+                    row = {"N": N, "impl": f"lawcat[prefill] {name}", "blocks": shown, "fwd_ms": fwd,
+                           "speedup_fwd_vs_sdpa": sdpa / fwd, "rel_err_vs_table": err}
+                    print(f"N={N:6d} {name:40s} {fwd:8.3f} ms  x sdpa {sdpa / fwd:5.2f}  err {err:.2e}", flush=True)
+                except Exception as exc:  # a variant that does not compile or fails its check
+                    row = {"N": N, "impl": f"lawcat[prefill] {name}", "blocks": shown,
+                           "error": f"{type(exc).__name__}: {exc}"[:300]}
+                    print(f"N={N:6d} {name:40s} FAILED {row['error']}", flush=True)
+                rows.append(row)
+            del table
+        timed = [r for r in rows if r["N"] == N and "speedup_fwd_vs_sdpa" in r]
+        if timed:
+            top = min(timed, key=lambda r: r["fwd_ms"])
+            best[str(N)] = {"impl": top["impl"], "blocks": top["blocks"], "speedup_fwd_vs_sdpa": top["speedup_fwd_vs_sdpa"]}
+        del x, q, k, v
+        if cuda:
+            torch.cuda.empty_cache()
+    result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke run, not a result)",
+              "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([sys.executable, "-m", "benchmarks.lawcat_layer"] + sys.argv[1:]),
+              "shape": {"B": 1, "H": H, "head_dim": D, "dtype": str(dtype)}, "rows": rows, "checks": checks,
+              "best": best}
+    full = {}
+    if os.path.isfile(out_path):
+        with open(out_path) as fh:
+            full = json.load(fh)
+    full["prefill_layer"] = result
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as fh:
+        json.dump(full, fh, indent=1)
+    return result
+
+
 def _set_prefill_table(table: dict) -> None:
     """Apply launch-table overrides to petl/linear/kernel_prefill.py for this process (sweeps)."""
     from petl.linear import kernel_prefill as kp
@@ -605,6 +701,9 @@ def main() -> None:
     ap.add_argument("--prefill-sweep", type=int, nargs="*", default=None,
                     help="instead: time kernel_prefill's launch-table variants per pass at these N "
                          "(stored under 'prefill_sweep' in --out)")
+    ap.add_argument("--prefill-layer", type=int, nargs="*", default=None,
+                    help="instead: time the no-grad attend (K7's forward row) per launch-table variant at "
+                         "these N, vs SDPA (stored under 'prefill_layer' in --out)")
     ap.add_argument("--components", type=int, default=0,
                     help="instead: time each stage of the fused path at this N (stored under "
                          "'components' in --out, next to an earlier full run's rows)")
@@ -612,6 +711,11 @@ def main() -> None:
     os.environ["PETL_FLA_TUNING"] = args.fla_tuning
     if args.prefill_sweep:
         prefill_sweep(args.prefill_sweep, args.out, args.heads, args.head_dim)
+        return
+    if args.prefill_layer:
+        if not torch.cuda.is_available() and args.out == RESULTS:
+            raise SystemExit("--prefill-layer measures on CUDA; on CPU only a smoke run with --out elsewhere")
+        prefill_layer(args.prefill_layer, args.out, args.heads, args.head_dim)
         return
     if args.prefill_table == "sweep":
         with open(args.out) as fh:

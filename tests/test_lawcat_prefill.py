@@ -321,13 +321,16 @@ def test_bad_arguments_get_one_line_errors():
                                   (torch.bfloat16, 1, 8192, 4, 1, 64, 64, False),
                                   (torch.bfloat16, 1, 2048, 4, 2, 128, 128, True)],
                          ids=["bf16-1k-gqa", "fp16-4k", "bf16-8k-f64", "bf16-2k-strong"])
-def test_cuda_prefill_kernels(case, poison):
-    """Kernel vs float64 chunked form; the same-precision path is the float32 chunked form."""
+@pytest.mark.parametrize("states", ["model-dtype", "float32"])
+def test_cuda_prefill_kernels(case, states, poison):
+    """Kernel vs float64 chunked form; the same-precision path is the float32 chunked form. Chunk
+    start states in the model dtype (the default) and in float32."""
     from petl.linear.kernel_prefill import lawcat_prefill
 
     dtype, B, T, H, Hkv, Fd, V, strong = case
     phi_q, phi_k, v, logits, valid, st = make_inputs(B, T, H, Hkv, Fd, V, dtype, "cuda", strong)
-    o, S, z = lawcat_prefill(phi_q, phi_k, v, logits, 16.0, valid, st, output_final_state=True)
+    o, S, z = lawcat_prefill(phi_q, phi_k, v, logits, 16.0, valid, st, output_final_state=True,
+                             blocks={"state_dtype": torch.float32} if states == "float32" else None)
     args = (phi_q, phi_k, v, logits, 16.0, valid, st)
     ref, same = chunked_reference(*args, dtype=torch.float64), chunked_reference(*args)
     extra_s, extra_z = _state_allowance(logits, valid, dtype)
