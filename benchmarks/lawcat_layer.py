@@ -505,6 +505,18 @@ def _prefill_blocks(table: dict) -> dict:
     return {key: (getattr(torch, val) if key == "state_dtype" else val) for key, val in table.items()}
 
 
+def _store_section(out_path: str, key: str, result: dict) -> None:
+    """Write ``result`` under ``key`` of the results file, keeping its other sections."""
+    full = {}
+    if os.path.isfile(out_path):
+        with open(out_path) as fh:
+            full = json.load(fh)
+    full[key] = result
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as fh:
+        json.dump(full, fh, indent=1)
+
+
 def prefill_sweep(lengths: list[int], out_path: str, heads: int = 32, head_dim: int = 128) -> dict:
     """Time petl's prefill kernels (kernel_prefill.py) per pass for each launch-table variant,
     bf16, F = V = head_dim, after checking each variant against the float32 chunked form at the
@@ -562,14 +574,7 @@ def prefill_sweep(lengths: list[int], out_path: str, heads: int = 32, head_dim: 
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join([sys.executable, "-m", "benchmarks.lawcat_layer"] + sys.argv[1:]),
               "H": H, "F": Fd, "V": V, "rows": rows, "best": best["blocks"], "best_variant": best["variant"]}
-    full = {}
-    if os.path.isfile(out_path):
-        with open(out_path) as fh:
-            full = json.load(fh)
-    full["prefill_sweep"] = result
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as fh:
-        json.dump(full, fh, indent=1)
+    _store_section(out_path, "prefill_sweep", result)
     print(f"fastest at N={max(lengths)}: {best['variant']} {best['blocks']}", flush=True)
     return result
 
@@ -656,14 +661,7 @@ def prefill_layer(lengths: list[int], out_path: str, heads: int = 32, head_dim: 
               "command": " ".join([sys.executable, "-m", "benchmarks.lawcat_layer"] + sys.argv[1:]),
               "shape": {"B": 1, "H": H, "head_dim": D, "dtype": str(dtype)}, "rows": rows, "checks": checks,
               "best": best}
-    full = {}
-    if os.path.isfile(out_path):
-        with open(out_path) as fh:
-            full = json.load(fh)
-    full["prefill_layer"] = result
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as fh:
-        json.dump(full, fh, indent=1)
+    _store_section(out_path, "prefill_layer", result)
     return result
 
 

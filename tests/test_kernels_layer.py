@@ -139,32 +139,24 @@ def test_layer_checkpoint_modes_and_transformers_flag():
         fuse_lora(model, layer_checkpoint="yes")
 
 
-def test_lora_dropout_falls_back_with_one_warning():
+@pytest.mark.parametrize("dropout, message", [
+    (dict(dropout=0.1), "LoRA dropout 0.1 has no fused kernel"),
+    (dict(attention_dropout=0.2), "attention dropout 0.2 cannot be recomputed"),
+], ids=["lora-dropout", "attention-dropout"])
+def test_dropout_falls_back_with_one_warning(dropout, message):
     torch.manual_seed(2)
-    model = _tiny_peft("llama", dropout=0.1)
+    model = _tiny_peft("llama", **dropout)
     ids = torch.randint(0, 96, (1, 8))
     fuse_lora(model, kernels="on", triton=False, fused_loss=False)
     with _Calls() as calls, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _loss_and_grads(model, ids, ids)
     assert calls.n == 0
-    assert any("LoRA dropout 0.1 has no fused kernel" in str(w.message) for w in caught)
-
-
-def test_attention_dropout_falls_back():
-    torch.manual_seed(3)
-    model = _tiny_peft("llama", attention_dropout=0.2)
-    ids = torch.randint(0, 96, (1, 8))
-    fuse_lora(model, kernels="on", triton=False, fused_loss=False)
-    with _Calls() as calls, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _loss_and_grads(model, ids, ids)
-    assert calls.n == 0
-    assert any("attention dropout 0.2 cannot be recomputed" in str(w.message) for w in caught)
+    assert any(message in str(w.message) for w in caught)
 
 
 def test_save_load_merge_after_layer_training_step(tmp_path):
-    from peft import PeftModel
+    from tests.test_kernels_lora import check_save_load_merge
 
     torch.manual_seed(4)
     model = fuse_lora(_tiny_peft("llama", lora_plus=True), kernels="on", triton=False)
@@ -172,17 +164,7 @@ def test_save_load_merge_after_layer_training_step(tmp_path):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
-    model.eval()
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "adapter")
-    base = tiny_causal_lm("llama", dtype=F64, attn_implementation="sdpa", **TINY)
-    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-12, atol=1e-12)
-    merged = model.merge_and_unload()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-10, atol=1e-10)
+    check_save_load_merge(model, ids, tmp_path)
 
 
 _INTERPRETED = r"""
