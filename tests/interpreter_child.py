@@ -41,14 +41,17 @@ def child_only(env_name: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not in_child(env_name), reason=f"runs inside the TRITON_INTERPRET=1 child ({env_name})")
 
 
-def run_child_pytest(test_file: str, env_name: str, min_passed: int, timeout: float = 900.0) -> None:
+def run_child_pytest(test_file: str, env_name: str, min_passed: int, timeout: float = 900.0,
+                     keyword: str | None = None) -> None:
     """Run ``test_file`` in a child pytest with ``TRITON_INTERPRET=1`` and ``env_name=1``; fail with
     the child's output tail unless it passes and at least ``min_passed`` tests ran (so a child that
     silently skips everything cannot pass). ``PETL_KERNELS`` is dropped so each test's own switch
-    decides."""
+    decides. ``keyword`` (a pytest ``-k`` expression) restricts the child to those tests: for a
+    module whose other CPU tests are too slow to run twice."""
     env = dict(os.environ, TRITON_INTERPRET="1", **{env_name: "1"})
     env.pop("PETL_KERNELS", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+    select = ["-k", keyword] if keyword else []
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *select, test_file],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]

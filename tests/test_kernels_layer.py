@@ -7,13 +7,11 @@ model and with fuse_lora's per-module path. Tolerance: transformers' RMSNorm nor
 even in a float64 model, and the layer's hand-derived norm backward does not replay autograd's op
 order, so the paths agree to float32 rounding (rtol 1e-5 on gradients, 1e-7 on the loss); a wrong
 term changes gradients by O(1). One test runs the layer with the Triton kernels in Triton's
-interpreter, in a subprocess so TRITON_INTERPRET does not leak into other test modules.
+interpreter, in a child pytest (tests/interpreter_child.py) so TRITON_INTERPRET does not leak into
+other test modules.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -23,8 +21,11 @@ from torch import nn
 from petl.kernels import fuse_lora, is_fused, unfuse_lora
 from petl.kernels.lora_layer import DecoderLayerFunction, FusedDecoderLayer
 from petl.testing import tiny_causal_lm
+from tests.interpreter_child import HAS_TRITON, child_only, in_child, run_child_pytest
 
 F64 = torch.float64
+CHILD_ENV = "PETL_LAYER_KERNELS_CHILD"
+IN_CHILD = in_child(CHILD_ENV)
 TINY = dict(vocab_size=96, hidden_size=48, num_heads=4, num_kv_heads=2)
 
 
@@ -167,29 +168,22 @@ def test_save_load_merge_after_layer_training_step(tmp_path):
     check_save_load_merge(model, ids, tmp_path)
 
 
-_INTERPRETED = r"""
-import torch
-from torch import nn
-from tests.test_kernels_layer import _tiny_peft, _loss_and_grads, _assert_close
-from petl.kernels import fuse_lora
-torch.manual_seed(5)
-model = _tiny_peft("llama", lora_plus=True)
-ids = torch.randint(0, 96, (2, 11))
-ref_loss, ref_grads = _loss_and_grads(model, ids, ids)
-fuse_lora(model, kernels="on", fused_loss=False)  # Triton RMSNorm / RoPE / SwiGLU in the interpreter
-loss, grads = _loss_and_grads(model, ids, ids)
-torch.testing.assert_close(loss, ref_loss, rtol=1e-7, atol=0)
-_assert_close(grads, ref_grads)
-print("ok")
-"""
+@pytest.mark.skipif(IN_CHILD or not HAS_TRITON, reason="parent of the interpreter run / no triton")
+def test_layer_under_triton_interpreter():
+    run_child_pytest(__file__, CHILD_ENV, min_passed=1, timeout=300, keyword="interpreted")
 
 
-def test_layer_with_triton_kernels_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PETL_KERNELS": "on"}
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["ok"]
+@child_only(CHILD_ENV)
+def test_layer_with_triton_kernels_interpreted():
+    """The layer Function with the Triton RMSNorm / RoPE / SwiGLU kernels (in the interpreter)."""
+    torch.manual_seed(5)
+    model = _tiny_peft("llama", lora_plus=True)
+    ids = torch.randint(0, 96, (2, 11))
+    ref_loss, ref_grads = _loss_and_grads(model, ids, ids)
+    fuse_lora(model, kernels="on", fused_loss=False)
+    loss, grads = _loss_and_grads(model, ids, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-7, atol=0)
+    _assert_close(grads, ref_grads)
 
 
 def test_layer_with_s2_attention_matches_peft():

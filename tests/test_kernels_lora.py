@@ -2,16 +2,13 @@
 
 CPU: every autograd Function against peft's unfused computation in float64 (outputs and every
 gradient, random upstream gradients, odd shapes); tiny Llama/Mistral/Qwen2 models fused vs
-unfused; save/load/merge after fusing; Triton kernels in Triton's interpreter (a subprocess, so
-TRITON_INTERPRET does not leak into other test modules). GPU: bf16 kernels against float64 with
+unfused; save/load/merge after fusing; Triton kernels in Triton's interpreter (the ``*_interpreted``
+tests, run in a child pytest by tests/interpreter_child.py, so TRITON_INTERPRET does not leak into
+other test modules). GPU: bf16 kernels against float64 with
 the rule written in ``_assert_kernel_error``.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
@@ -24,8 +21,12 @@ from petl.kernels.lora_linear import lora_projections
 from petl.kernels.lora_mlp import lora_swiglu_mlp
 from petl.kernels.lora_modules import kernel_plan, lora_projection
 from petl.testing import tiny_causal_lm
+from tests.interpreter_child import HAS_TRITON, child_only, in_child, run_child_pytest
 
 F64 = torch.float64
+CHILD_ENV = "PETL_LORA_KERNELS_CHILD"
+IN_CHILD = in_child(CHILD_ENV)
+child = child_only(CHILD_ENV)
 
 
 def _peft(module: nn.Module, targets: list[str], r: int = 3, **kwargs):
@@ -349,75 +350,101 @@ def test_kernels_on_is_refused_where_no_runner_honours_it():
         check_distill_recipe(from_dict(Recipe, {"train": {"kernels": "on"}}))
 
 
-_INTERPRETED = textwrap.dedent("""
-    import torch, warnings
-    warnings.filterwarnings("ignore")
-    _empty, _empty_like = torch.empty, torch.empty_like
-    def _nan(t):
+@pytest.mark.skipif(IN_CHILD or not HAS_TRITON, reason="parent of the interpreter run / no triton")
+def test_triton_kernels_under_interpreter():
+    run_child_pytest(__file__, CHILD_ENV, min_passed=5, timeout=300, keyword="interpreted")
+
+
+@pytest.fixture
+def nan_buffers(monkeypatch):
+    """Every buffer allocated with torch.empty / empty_like starts as NaN, so unwritten elements fail."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
-    torch.empty = lambda *a, **k: _nan(_empty(*a, **k))          # NaN-poison every buffer petl allocates
-    torch.empty_like = lambda *a, **k: _nan(_empty_like(*a, **k))
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+
+
+def _outputs_and_grads(fn, inputs, ups):
+    """fn's outputs and the inputs' gradients for upstream gradients ``ups``."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, ups)
+    return [o.detach() for o in outs] + [t.grad for t in inputs]
+
+
+def _check_rel(got, ref, tol=1e-5):
+    for g, r in zip(got, ref, strict=True):
+        err = ((g.double() - r.double()).norm() / r.double().norm()).item()
+        assert err < tol, err
+
+
+@child
+def test_rmsnorm_interpreted(nan_buffers):
     from petl.kernels.rmsnorm import rms_norm, rms_norm_reference
-    from petl.kernels.swiglu import swiglu, swiglu_backward, swiglu_backward_reference, swiglu_reference
-    from petl.kernels.rope import apply_rope, rope_reference
-    from petl.kernels.cross_entropy import linear_cross_entropy
-
-    def check(name, got, ref):
-        for g, r in zip(got, ref):
-            err = ((g.double() - r.double()).norm() / r.double().norm()).item()
-            assert err < 1e-5, (name, err)
-        print("ok", name)
-
-    def grads(fn, inputs, ups):
-        inputs = [t.detach().requires_grad_() for t in inputs]
-        outs = fn(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.backward(outs, ups)
-        return [o.detach() for o in outs] + [t.grad for t in inputs]
 
     torch.manual_seed(0)
-    x, w = torch.randn(7, 37), torch.randn(37)
-    up = [torch.randn(7, 37)]
-    check("rmsnorm", grads(lambda a, b: rms_norm(a, b, 1e-6), [x, w], up),
-          grads(lambda a, b: rms_norm_reference(a, b, 1e-6), [x, w], up))
+    x, w, up = torch.randn(7, 37), torch.randn(37), [torch.randn(7, 37)]
+    _check_rel(_outputs_and_grads(lambda a, b: rms_norm(a, b, 1e-6), [x, w], up),
+               _outputs_and_grads(lambda a, b: rms_norm_reference(a, b, 1e-6), [x, w], up))
+
+
+@child
+def test_swiglu_interpreted(nan_buffers):
+    from petl.kernels.swiglu import swiglu, swiglu_backward, swiglu_backward_reference, swiglu_reference
+
+    torch.manual_seed(1)
     g, u, dh = torch.randn(5, 33), torch.randn(5, 33), torch.randn(5, 33)
-    check("swiglu", [swiglu(g, u)], [swiglu_reference(g, u)])
-    check("swiglu_bwd", swiglu_backward(dh.clone(), g, u), swiglu_backward_reference(dh, g, u))
+    _check_rel([swiglu(g, u)], [swiglu_reference(g, u)])
+    _check_rel(swiglu_backward(dh.clone(), g, u), swiglu_backward_reference(dh, g, u))
+
+
+@child
+def test_rope_interpreted(nan_buffers):
+    from petl.kernels.rope import apply_rope, rope_reference
+
+    torch.manual_seed(2)
     q, k, cos, sin = torch.randn(2, 5, 3, 12), torch.randn(2, 5, 1, 12), torch.randn(1, 5, 12), torch.randn(1, 5, 12)
     ups = [torch.randn(2, 5, 3, 12), torch.randn(2, 5, 1, 12)]
-    check("rope", grads(lambda a, b: apply_rope(a, b, cos, sin), [q, k], ups),
-          grads(lambda a, b: rope_reference(a, b, cos, sin), [q, k], ups))
+    _check_rel(_outputs_and_grads(lambda a, b: apply_rope(a, b, cos, sin), [q, k], ups),
+               _outputs_and_grads(lambda a, b: rope_reference(a, b, cos, sin), [q, k], ups))
+
+
+@child
+def test_linear_cross_entropy_interpreted(nan_buffers):
+    torch.manual_seed(3)
     h, wt, t = torch.randn(19, 16), torch.randn(50, 16), torch.randint(0, 50, (19,))
     t[3] = -100
     up = [torch.tensor(1.3)]
-    check("cross_entropy", grads(lambda a, b: linear_cross_entropy(a, b, t, chunk_rows=8), [h, wt], up),
-          grads(lambda a, b: torch.nn.functional.cross_entropy(a @ b.t(), t), [h, wt], up))
+    _check_rel(_outputs_and_grads(lambda a, b: linear_cross_entropy(a, b, t, chunk_rows=8), [h, wt], up),
+               _outputs_and_grads(lambda a, b: torch.nn.functional.cross_entropy(a @ b.t(), t), [h, wt], up))
 
+
+@child
+def test_tiny_llama_fused_interpreted(nan_buffers):
+    """A one-layer Llama with LoRA on all linear layers and a trained norm: fused (Triton kernels in
+    the interpreter) against unfused, loss and every gradient."""
     from peft import LoraConfig, get_peft_model
-    from petl.kernels import fuse_lora
-    from petl.testing import tiny_causal_lm
+
+    torch.manual_seed(4)
     model = tiny_causal_lm("llama", attn_implementation="sdpa", num_layers=1, vocab_size=64, hidden_size=32).train()
     model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False,
                                              modules_to_save=["norm"]))
     ids = torch.randint(0, 64, (2, 6))
+
     def step():
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         out = [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
         model.zero_grad(set_to_none=True)
         return out
+
     ref = step()
     fuse_lora(model, kernels="on")
-    check("tiny_llama", step(), ref)
-""")
-
-
-def test_triton_kernels_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PETL_KERNELS": "on"}
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["ok", "rmsnorm", "ok", "swiglu", "ok", "swiglu_bwd", "ok", "rope", "ok",
-                                     "cross_entropy", "ok", "tiny_llama"]
+    _check_rel(step(), ref)
 
 
 # ----------------------------------------------------------------------------------------- GPU, bf16
