@@ -32,6 +32,8 @@ one or two configurations each (petl/linear/fla_backend.py), ``full`` keeps fla'
 Run: ``python -m benchmarks.lawcat_layer [--lengths 2048 ...] [--out PATH]``. ``--prefill-sweep N ...``
 times kernel_prefill.py's launch-table variants per pass instead; ``--prefill-table sweep`` then runs
 the layer rows with the fastest of them (recorded as ``prefill_table`` in the results).
+``--prefill-layer N ...`` times K7's forward row (the whole no-grad ``attend``) per launch-table
+variant (``LAYER_VARIANTS``) against SDPA, stored as ``prefill_layer``.
 Writes ``benchmarks/results/lawcat_layer.json`` (or ``--out``).
 """
 from __future__ import annotations
@@ -126,7 +128,7 @@ def run(lengths: list[int], decode_lengths: list[int], out_path: str, heads: int
     result["prefill_table"] = {"chunk": kp.CHUNK, "state_mode": kp.STATE_MODE, "state_bk": kp.STATE_BK,
                                "state_bv": kp.STATE_BV, "update_bv": kp.UPDATE_BV, "out_bv": kp.OUT_BV,
                                "warps": dict(kp.WARPS), "stages": dict(kp.STAGES),
-                               "state_dtype": str(kp.STATE_DTYPE), "state_split": kp.STATE_SPLIT}
+                               "state_dtype": str(kp.STATE_DTYPE or "the inputs' dtype"), "state_split": kp.STATE_SPLIT}
     if has_fla:
         import fla
 
