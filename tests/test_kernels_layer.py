@@ -186,6 +186,38 @@ def test_layer_with_triton_kernels_interpreted():
     _assert_close(grads, ref_grads)
 
 
+def test_hf_trainer_gradient_checkpointing_runs_the_layer_function(tmp_path):
+    """The user's order: fuse_lora on the peft model, then HF Trainer with gradient_checkpointing=True
+    (Trainer enables it, with its own kwargs). The layer Function runs, and three AdamW steps leave
+    the same trainable weights as the unfused model trained by the same Trainer settings."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    def peft_model():
+        torch.manual_seed(7)
+        base = tiny_causal_lm("llama", dtype=F64, attn_implementation="sdpa", num_layers=2, **TINY).train()
+        return get_peft_model(base, LoraConfig(r=4, lora_alpha=9, target_modules="all-linear",
+                                               init_lora_weights=False))
+
+    gen = torch.Generator().manual_seed(8)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 96, (6, 12), generator=gen)]
+
+    def train(model, out):
+        args = TrainingArguments(output_dir=str(tmp_path / out), max_steps=3, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, gradient_checkpointing=True, logging_steps=1, report_to="none",
+                                 save_strategy="no", use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=rows).train()
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref = train(peft_model(), "ref")
+    fused = fuse_lora(peft_model(), kernels="on", triton=False, fused_loss=False)
+    with _Calls() as calls:
+        got = train(fused, "fused")
+    assert calls.n == 3 * 2  # every step, every layer
+    _assert_close(got, ref, rtol=1e-6)
+    assert any((got[k] - v).abs().max() > 0 for k, v in peft_model().named_parameters() if k in got)  # it trained
+
+
 def test_layer_with_s2_attention_matches_peft():
     """The registered petl attention (S2, shifted groups) runs inside the layer Function unchanged."""
     from petl.attention import use_attention
