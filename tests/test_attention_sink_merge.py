@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from petl.attention import PatternConfig, sparse_attention
+from petl.attention import PatternConfig
 from petl.kernels import attention_grouped as grouped
 from petl.kernels import attention_sink_merge as merge
 from tests.test_attention_oracle import Case
-from tests.test_kernels_grouped import CASES, make_inputs, oracle, poison, rel, run_grouped  # noqa: F401 (fixture)
+from tests.test_kernels_grouped import (CASES, compare_grouped_with_reference, make_inputs, oracle, poison,  # noqa: F401
+                                        rel, run_grouped)  # (poison: fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SF_CASES = [c for c in CASES if c.pattern == "sf"]
@@ -186,17 +187,5 @@ GPU_MODES = [("cudnn", True), ("flash", True), ("efficient", True), ("cudnn", Fa
 def test_merge_gpu(case: Case, dtype: torch.dtype, op: str, kernels: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     use_merge(monkeypatch, op, kernels)
     calls = count_merges(monkeypatch)
-    cfg = PatternConfig.from_params(case.pattern, **case.params)
-    leaves, views, dout = make_inputs(case, torch.float64, device="cuda")
-
-    def run(dtype: torch.dtype, backend: str) -> list[torch.Tensor]:
-        xs = [x.detach().to(dtype).requires_grad_(True) for x in leaves]
-        out = sparse_attention(*(x.transpose(1, 2) for x in xs), cfg, backend=backend)
-        out.backward(dout.to(dtype))
-        return [out.detach()] + [x.grad for x in xs]
-
-    truth, base, fast = run(torch.float64, "reference"), run(dtype, "reference"), run(dtype, "grouped")
+    compare_grouped_with_reference(case, dtype)
     assert calls, "the merge path did not run"
-    for name, f, b, t in zip(("out", "dq", "dk", "dv"), fast, base, truth):
-        assert torch.isfinite(f).all(), (case.name, name)
-        assert rel(f, t) <= 2 * rel(b, t) + 1e-3, (case.name, name, rel(f, t), rel(b, t))

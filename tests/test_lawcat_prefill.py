@@ -229,6 +229,14 @@ def _layer(H=4, Hkv=2, d=16, **cfg):
     return lcfg, layer
 
 
+def _attend(layer, inputs, valid, dtype, kernels: str, backend: str):
+    """``layer.attend`` on ``inputs`` (x, q, k, v) with the layer and inputs in ``dtype`` and the
+    given kernels switch and backend."""
+    layer.to(dtype)
+    layer.lawcat_config.kernels, layer.lawcat_config.backend = kernels, backend
+    return layer.attend(*(t.to(dtype) for t in inputs), valid)
+
+
 def _spy(monkeypatch):
     from petl.linear import kernel_prefill
 
@@ -253,18 +261,14 @@ def test_layer_attend_no_grad_uses_prefill_kernels_interpreted(poison, monkeypat
     valid[-1, :6] = False
     q[~valid], k[~valid], v[~valid] = float("nan"), float("nan"), float("nan")  # padded rows may hold NaN
 
-    def attend(dtype, kernels, backend):
-        layer.to(dtype)
-        layer.lawcat_config.kernels, layer.lawcat_config.backend = kernels, backend
-        return layer.attend(*(t.to(dtype) for t in (x, q, k, v)), valid)
-
     with torch.no_grad():
-        ref = attend(torch.float64, "off", "reference")
-        same = attend(torch.float32, "off", "reference")
-        out = attend(torch.float32, "on", "chunked")
+        ref = _attend(layer, (x, q, k, v), valid, torch.float64, "off", "reference")
+        same = _attend(layer, (x, q, k, v), valid, torch.float32, "off", "reference")
+        out = _attend(layer, (x, q, k, v), valid, torch.float32, "on", "chunked")
     assert calls == [1]
     _check("attend", out, same, ref)
-    attend(torch.float32, "on", "chunked")  # grad enabled, parameters require grad: training path
+    # grad enabled, parameters require grad: the training path
+    _attend(layer, (x, q, k, v), valid, torch.float32, "on", "chunked")
     assert calls == [1]
 
 
@@ -354,15 +358,10 @@ def test_cuda_layer_attend_prefill(T, poison):
     x, q, k, v = (t.to(torch.bfloat16).double() for t in (x, q, k, v))
     layer.to(torch.bfloat16).double()
 
-    def attend(dtype, kernels, backend):
-        layer.to(dtype)
-        layer.lawcat_config.kernels, layer.lawcat_config.backend = kernels, backend
-        return layer.attend(*(t.to(dtype) for t in (x, q, k, v)), valid)
-
     with torch.no_grad():
-        ref = attend(torch.float64, "off", "chunked")
-        same = attend(torch.bfloat16, "off", "chunked")
-        out = attend(torch.bfloat16, "on", "chunked")
+        ref = _attend(layer, (x, q, k, v), valid, torch.float64, "off", "chunked")
+        same = _attend(layer, (x, q, k, v), valid, torch.bfloat16, "off", "chunked")
+        out = _attend(layer, (x, q, k, v), valid, torch.bfloat16, "on", "chunked")
     _check("attend", out, same, ref)
 
 
