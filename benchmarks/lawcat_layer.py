@@ -586,12 +586,12 @@ def prefill_sweep(lengths: list[int], out_path: str, heads: int = 32, head_dim: 
 LAYER_VARIANTS = [
     ("table", {}),
     ("float32 chunk states", {"prefill_state_dtype": torch.float32}),
-    ("out bv64", {"prefill_out_bv": 64}),
+    ("out 8 warps", {"prefill_out_warps": 8}),
     ("out 2 stages", {"prefill_out_stages": 2}),
+    ("out 8 warps, 2 stages", {"prefill_out_warps": 8, "prefill_out_stages": 2}),
+    ("out bv64", {"prefill_out_bv": 64}),
     ("update 2 stages", {"prefill_update_stages": 2}),
-    ("scan bk16", {"prefill_state_bk": 16}),
     ("scan 8 warps", {"prefill_state_warps": 8}),
-    ("chunk 128, out 8 warps", {"prefill_chunk": 128, "prefill_out_warps": 8}),
     ("features: 128-token blocks, 8 warps", {"fwd": 128, "fwd_warps": 8}),
 ]
 

@@ -259,11 +259,35 @@ def _exact_scores(q_base, k_base, x_base, real, row0, local, T, inv_norm,
 
 
 @triton.jit
-def _output_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, o_ptr,
+def _chunk_output(q_dec, A, v_base, hs_ptr, zs_ptr, o_ptr, b, h, pid_bh, n, NC, row0, local, fk, fv, m, rows_ok,
+                  T, eps, H: tl.constexpr, HKV: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
+                  PREC: tl.constexpr):
+    """``o = ((q e^G) S_n + A v) / ((q e^G) . z_n + rowsum(A) + eps)`` for one chunk and value block,
+    stored in o's dtype in the rows ``rows_ok`` [C]."""
+    dt = v_base.dtype.element_ty
+    v = tl.where(m, _tile(v_base, row0, local, fv, T, HKV * V), 0.0).to(dt)
+    s_base = hs_ptr + (pid_bh.to(tl.int64) * NC + n) * F * V
+    S = tl.load(s_base + (fk[:, None] * V + fv[None, :]))
+    z = tl.load(zs_ptr + (pid_bh.to(tl.int64) * NC + n) * F + fk)
+    num = tl.dot(q_dec.to(dt), S.to(dt), input_precision=PREC)
+    num = tl.dot(A.to(dt), v, acc=num, input_precision=PREC)
+    den = tl.sum(q_dec * z[None, :], axis=1) + tl.sum(A, axis=1)
+    o = num / (den + eps)[:, None]
+    o_off = (b.to(tl.int64) * T + row0) * (H * V) + h * V
+    tl.store(o_ptr + o_off + (local[:, None] * (H * V) + fv[None, :]), o.to(o_ptr.dtype.element_ty),
+             mask=rows_ok[:, None])
+
+
+@triton.jit
+def _output_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, o_ptr, strong_ptr,
                    T, NC, inv_norm, eps, span_max,
                    H: tl.constexpr, G: tl.constexpr, F: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                    BV: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
-    """Pass 2: o = num / (den + eps) for one chunk of one (batch, head) and value block."""
+    """Pass 2: o = num / (den + eps) for one chunk of one (batch, head) and value block, with the
+    factored in-chunk scores. A chunk whose gates are too strong for them (span > span_max) is only
+    flagged in ``strong`` [NC, B*H] and left to :func:`_output_exact_kernel`: keeping the exact
+    scores out of this kernel keeps its registers for the common case (the sm_90 build spilled
+    about 1 KB per thread with them, about 0.1 KB without)."""
     n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -279,31 +303,52 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, o_ptr,
     x_base = x_ptr + b.to(tl.int64) * T * (HKV * F) + (h // G) * F
     q_base = q_ptr + b.to(tl.int64) * T * (H * F) + h * F
     k_base = k_ptr + b.to(tl.int64) * T * (H * F) + h * F
-    v_base = v_ptr + b.to(tl.int64) * T * (HKV * V) + (h // G) * V
     dt = v_ptr.dtype.element_ty
     x = _tile(x_base, row0, local, fk, T, HKV * F)
     q = _tile(q_base, row0, local, fk, T, H * F)
     k = _tile(k_base, row0, local, fk, T, H * F)
-    v = tl.where(m, _tile(v_base, row0, local, fv, T, HKV * V), 0.0).to(dt)
     g = tl.where(m, _log_gate(x.to(tl.float32), inv_norm), 0.0)
     Gc = tl.cumsum(g, axis=0)                                                  # [C, F], <= 0
     q_dec = q.to(tl.float32) * tl.exp(Gc)                                      # <= q
     k_grow = tl.where(m, k.to(tl.float32) * tl.exp(-Gc), 0.0)                  # <= k e^span
     A = tl.dot(q_dec.to(dt), tl.trans(k_grow.to(dt)), input_precision=PREC)
     A = tl.where(local[:, None] >= local[None, :], A, 0.0)
-    span = tl.max(-tl.sum(g, axis=0), axis=0)
-    if span > span_max:  # strong gates: e^span would overflow the factored operands
+    strong = (tl.max(-tl.sum(g, axis=0), axis=0) > span_max).to(tl.int32)   # e^span would overflow
+    tl.store(strong_ptr + n * tl.num_programs(1) + pid_bh, strong.to(tl.int8))
+    rows_ok = (row0 + local < T) & (local * 0 + strong == 0)
+    _chunk_output(q_dec, A, v_ptr + b.to(tl.int64) * T * (HKV * V) + (h // G) * V, hs_ptr, zs_ptr, o_ptr,
+                  b, h, pid_bh, n, NC, row0, local, fk, fv, m, rows_ok, T, eps, H, HKV, F, V, PREC)
+
+
+@triton.jit
+def _output_exact_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, o_ptr, strong_ptr,
+                         T, NC, inv_norm, eps,
+                         H: tl.constexpr, G: tl.constexpr, F: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                         BV: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
+    """Pass 2b, same grid: the chunks :func:`_output_kernel` flagged as strong-gated, with the exact
+    in-chunk scores (:func:`_exact_scores`); every other program reads its flag and exits."""
+    n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if tl.load(strong_ptr + n * tl.num_programs(1) + pid_bh) != 0:
+        pid_v = tl.program_id(2)
+        b = pid_bh // H
+        h = pid_bh % H
+        HKV: tl.constexpr = H // G
+        local = tl.arange(0, C)
+        fk = tl.arange(0, F)
+        fv = pid_v * BV + tl.arange(0, BV)
+        row0 = n * C
+        real = _real_rows(valid_ptr, b, row0, local, T, HAS_VALID)
+        m = real[:, None]
+        x_base = x_ptr + b.to(tl.int64) * T * (HKV * F) + (h // G) * F
+        q_base = q_ptr + b.to(tl.int64) * T * (H * F) + h * F
+        k_base = k_ptr + b.to(tl.int64) * T * (H * F) + h * F
+        Gc = tl.cumsum(tl.where(m, _log_gate(_tile(x_base, row0, local, fk, T, HKV * F).to(tl.float32), inv_norm),
+                                0.0), axis=0)
+        q_dec = _tile(q_base, row0, local, fk, T, H * F).to(tl.float32) * tl.exp(Gc)
         A = _exact_scores(q_base, k_base, x_base, real, row0, local, T, inv_norm, H * F, HKV * F, F, C)
-    s_base = hs_ptr + (pid_bh.to(tl.int64) * NC + n) * F * V
-    S = tl.load(s_base + (fk[:, None] * V + fv[None, :]))
-    z = tl.load(zs_ptr + (pid_bh.to(tl.int64) * NC + n) * F + fk)
-    num = tl.dot(q_dec.to(dt), S.to(dt), input_precision=PREC)
-    num = tl.dot(A.to(dt), v, acc=num, input_precision=PREC)
-    den = tl.sum(q_dec * z[None, :], axis=1) + tl.sum(A, axis=1)
-    o = num / (den + eps)[:, None]
-    o_off = (b.to(tl.int64) * T + row0) * (H * V) + h * V
-    tl.store(o_ptr + o_off + (local[:, None] * (H * V) + fv[None, :]), o.to(o_ptr.dtype.element_ty),
-             mask=(row0 + local < T)[:, None])
+        _chunk_output(q_dec, A, v_ptr + b.to(tl.int64) * T * (HKV * V) + (h // G) * V, hs_ptr, zs_ptr, o_ptr,
+                      b, h, pid_bh, n, NC, row0, local, fk, fv, m, row0 + local < T, T, eps, H, HKV, F, V, PREC)
 
 
 def prefill_supported(feature_size: int, head_dim: int, dtype: torch.dtype) -> bool:
@@ -436,8 +481,10 @@ def _output_pass(q, k, v, x, valid, inv_norm, hs, zs, eps, out_dtype, blocks):
     NC = triton.cdiv(T, meta["C"])
     obv = min(blocks.get("out_bv", OUT_BV), V)
     o = _empty((B, T, H, V), out_dtype, q.device)
-    _output_kernel[(NC, B * H, V // obv)](
-        q, k, v, x, valid if valid is not None else q, hs, zs, o, T, NC, inv_norm, eps,
-        float(blocks.get("span_max", SPAN_MAX[q.dtype])), BV=obv, num_warps=blocks.get("out_warps", WARPS["out"]),
-        num_stages=blocks.get("out_stages", STAGES["out"]), **meta)
+    strong = torch.empty((NC, B * H), dtype=torch.int8, device=q.device)  # each program writes its flag
+    args = (q, k, v, x, valid if valid is not None else q, hs, zs, o, strong, T, NC, inv_norm, eps)
+    meta.update(BV=obv, num_warps=blocks.get("out_warps", WARPS["out"]), num_stages=blocks.get("out_stages", STAGES["out"]))
+    grid = (NC, B * H, V // obv)
+    _output_kernel[grid](*args, float(blocks.get("span_max", SPAN_MAX[q.dtype])), **meta)
+    _output_exact_kernel[grid](*args, **meta)
     return o
