@@ -585,14 +585,12 @@ def prefill_sweep(lengths: list[int], out_path: str, heads: int = 32, head_dim: 
 #: launch table, ``fwd`` / ``fwd_warps`` for the conv + feature-map kernel's forward)
 LAYER_VARIANTS = [
     ("table", {}),
-    ("float32 chunk states", {"prefill_state_dtype": torch.float32}),
-    ("out 8 warps", {"prefill_out_warps": 8}),
-    ("out 2 stages", {"prefill_out_stages": 2}),
-    ("out 8 warps, 2 stages", {"prefill_out_warps": 8, "prefill_out_stages": 2}),
-    ("out bv64", {"prefill_out_bv": 64}),
+    ("scan state pass", {"prefill_state_mode": "scan"}),
+    ("grouped 8", {"prefill_state_mode": "grouped", "prefill_group": 8}),
+    ("grouped 32", {"prefill_state_mode": "grouped", "prefill_group": 32}),
     ("update 2 stages", {"prefill_update_stages": 2}),
-    ("scan 8 warps", {"prefill_state_warps": 8}),
-    ("features: 128-token blocks, 8 warps", {"fwd": 128, "fwd_warps": 8}),
+    ("out 2 stages", {"prefill_out_stages": 2}),
+    ("group bk 32", {"prefill_group_bk": 32}),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Registers and spills of the LAWCAT prefill output kernels in an sm_90 build, on a machine without a GPU.
+"""Registers and spills of the LAWCAT prefill kernels in an sm_90 build, on a machine without a GPU.
 
 Why: the output pass is register-bound at F = V = 128 (it spilled about 1 KB per thread at 4 warps
 while the strong-gate exact scores lived in the same kernel). Triton compiles for a target GPU
@@ -25,17 +25,23 @@ from triton.compiler import ASTSource
 
 from petl.linear import kernel_prefill as kp
 
-POINTERS = ["q_ptr", "k_ptr", "v_ptr", "x_ptr", "valid_ptr", "hs_ptr"]
-
-
-def _signature(kernel, F: int, V: int, C: int, BV: int, H: int) -> tuple[dict, dict]:
-    sig = {name: "*bf16" for name in POINTERS}
-    sig.update(zs_ptr="*fp32", o_ptr="*bf16", strong_ptr="*i8", T="i32", NC="i32", inv_norm="fp32", eps="fp32")
-    if kernel is kp._output_kernel:
-        sig["span_max"] = "fp32"
-    consts = dict(H=H, G=1, F=F, V=V, C=C, BV=BV, HAS_VALID=False, PREC="tf32")
-    sig.update({key: "constexpr" for key in consts})
-    return sig, {(list(sig).index(key),): val for key, val in consts.items()}
+def _signature(kernel, F: int, V: int, C: int, BV: int, H: int, group: int, bk: int) -> tuple[dict, dict]:
+    """Triton signature and constants of one prefill kernel for bf16 inputs, in argument order."""
+    names = list(kernel.arg_names)
+    types = {"zs_ptr": "*fp32", "pz_ptr": "*fp32", "d_ptr": "*fp32", "u_ptr": "*fp32", "uz_ptr": "*fp32",
+             "a_ptr": "*fp32", "strong_ptr": "*i8", "valid_ptr": "*i8", "inv_norm": "fp32", "eps": "fp32",
+             "span_max": "fp32"}
+    consts = dict(H=H, G=1, F=F, V=V, C=C, BV=BV, BK=bk, GROUP=group, HAS_VALID=False, PREC="tf32", SPLIT=True)
+    sig = {}
+    for name in names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        else:
+            sig[name] = "*bf16" if name.endswith("_ptr") else "i32"
+    used = {key: val for key, val in consts.items() if key in sig}
+    return sig, {(names.index(key),): val for key, val in used.items()}
 
 
 def _ptxas() -> str:
@@ -46,9 +52,9 @@ def _ptxas() -> str:
 
 
 def report(kernel, warps: int, ptxas: str, F: int = 128, V: int = 128, C: int = 64, BV: int = 128,
-           H: int = 32) -> str:
+           H: int = 32, group: int = kp.GROUP, bk: int = kp.GROUP_BK) -> str:
     """ptxas's register/spill lines for ``kernel`` built for sm_90 at ``warps`` warps."""
-    sig, consts = _signature(kernel, F, V, C, BV, H)
+    sig, consts = _signature(kernel, F, V, C, BV, H, group, bk)
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
     ptx = compiled.asm["ptx"]
@@ -75,7 +81,7 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     args = ap.parse_args()
     ptxas = args.ptxas or _ptxas()
-    for kernel in (kp._output_kernel, kp._output_exact_kernel):
+    for kernel in (kp._chunk_group_kernel, kp._chunk_update_kernel, kp._output_kernel, kp._output_exact_kernel):
         for warps in args.warps:
             print(f"{kernel.__name__:24s} {warps} warps: {report(kernel, warps, ptxas)}", flush=True)
 

@@ -165,6 +165,10 @@ KERNEL_CASES = {
     "f64-v64": (1, 20, 2, 1, 64, 64, {"chunk": 16, "out_bv": 32}, False, True, True),
     "f128-v128": (1, 18, 1, 1, 128, 128, {"chunk": 16}, False, False, True),
     "recurrent-state-pass": (2, 37, 4, 2, 16, 16, {**SMALL, "state_mode": "recurrent"}, True, True, True),
+    "grouped-2-gqa-strong": (2, 37, 4, 2, 16, 16, {**SMALL, "state_mode": "grouped", "group": 2}, True, True, True),
+    "grouped-4-one-chunk": (1, 5, 2, 1, 16, 32, {**SMALL, "state_mode": "grouped", "group": 4}, False, False, True),
+    "grouped-4-f64-blocks": (1, 70, 2, 1, 64, 64, {"chunk": 16, "out_bv": 32, "update_bv": 32, "group_bk": 32,
+                                                    "state_mode": "grouped", "group": 4}, False, True, True),
 }
 
 
@@ -325,16 +329,20 @@ def test_bad_arguments_get_one_line_errors():
                                   (torch.bfloat16, 1, 8192, 4, 1, 64, 64, False),
                                   (torch.bfloat16, 1, 2048, 4, 2, 128, 128, True)],
                          ids=["bf16-1k-gqa", "fp16-4k", "bf16-8k-f64", "bf16-2k-strong"])
-@pytest.mark.parametrize("states", ["model-dtype", "float32"])
+@pytest.mark.parametrize("states", ["model-dtype", "float32", "scan", "grouped", "grouped-f32"])
 def test_cuda_prefill_kernels(case, states, poison):
     """Kernel vs float64 chunked form; the same-precision path is the float32 chunked form. Chunk
-    start states in the model dtype (the default) and in float32."""
+    start states in the model dtype (the default) and in float32; the "scan" and "grouped" (the
+    default) state passes."""
     from petl.linear.kernel_prefill import lawcat_prefill
 
     dtype, B, T, H, Hkv, Fd, V, strong = case
     phi_q, phi_k, v, logits, valid, st = make_inputs(B, T, H, Hkv, Fd, V, dtype, "cuda", strong)
     o, S, z = lawcat_prefill(phi_q, phi_k, v, logits, 16.0, valid, st, output_final_state=True,
-                             blocks={"state_dtype": torch.float32} if states == "float32" else None)
+                             blocks={"model-dtype": None, "float32": {"state_dtype": torch.float32},
+                                     "scan": {"state_mode": "scan"},
+                                     "grouped": {"state_mode": "grouped", "group": 4},
+                                     "grouped-f32": {"state_mode": "grouped", "state_dtype": torch.float32}}[states])
     args = (phi_q, phi_k, v, logits, 16.0, valid, st)
     ref, same = chunked_reference(*args, dtype=torch.float64), chunked_reference(*args)
     extra_s, extra_z = _state_allowance(logits, valid, dtype)
