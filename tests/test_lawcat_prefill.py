@@ -28,7 +28,7 @@ child = child_only(CHILD_ENV)
 
 @pytest.mark.skipif(IN_CHILD or not HAS_TRITON, reason="parent of the interpreter run / no triton")
 def test_prefill_under_triton_interpreter():
-    run_child_pytest(__file__, CHILD_ENV, min_passed=14, timeout=600)
+    run_child_pytest(__file__, CHILD_ENV, min_passed=17, timeout=600)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -303,6 +303,25 @@ def test_unsupported_widths_fall_back_without_error(monkeypatch):
     with torch.no_grad():
         out, _ = layer(torch.randn(1, 9, layer.q_proj.in_features), position_embeddings=None)
     assert calls == [] and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(IN_CHILD or not HAS_TRITON, reason="host-side arithmetic, no kernel runs / no triton")
+def test_group_size_covers_the_chunks_and_keeps_the_gpu_busy(monkeypatch):
+    """Chunks per grouped program: the table's GROUP, no more than the chunks need (a power of 2),
+    fewer on CUDA when programs would not fill the multiprocessors; an explicit group is kept."""
+    from types import SimpleNamespace
+
+    from petl.linear import kernel_prefill as kp
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kp._group_size(1000, 32, {}, cpu) == kp.GROUP == 16
+    assert [kp._group_size(nc, 32, {}, cpu) for nc in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, 16]
+    assert kp._group_size(3, 32, {"group": 8}, cpu) == 8
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(multi_processor_count=132))
+    assert kp._group_size(128, 64, {}, cuda) == 16          # 8 groups x 64 = 512 programs >= 2 x 132
+    assert kp._group_size(128, 8, {}, cuda) == 2            # 4 per group: 32 x 8 = 256 < 264; 2: 512
+    with pytest.raises(ValueError, match="power of 2"):
+        kp._group_size(8, 32, {"group": 3}, cpu)
 
 
 @pytest.mark.skipif(IN_CHILD or not HAS_TRITON, reason="argument checks, no kernel runs / no triton")

@@ -387,7 +387,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, p_ptr,
     factored in-chunk scores. A chunk whose gates are too strong for them (span > span_max) is only
     flagged in ``strong`` [NC, B*H] and left to :func:`_output_exact_kernel`: keeping the exact
     scores out of this kernel keeps its registers for the common case (the sm_90 build spilled
-    about 1 KB per thread with them, about 0.1 KB without)."""
+    about 1 KB per thread with them; without, 0.24 KB, or 0.6 KB with the grouped pass's second
+    state tile: ``python -m benchmarks.prefill_registers``)."""
     n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -511,8 +512,8 @@ def lawcat_prefill(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, lo
             grouped program, a power of 2, used as given), ``group_bk``, ``state_bk``, ``state_bv``,
             ``update_bv`` (also the grouped pass's value block), ``out_bv``, ``<pass>_warps``,
             ``<pass>_stages`` (pass: state, update (also the grouped pass), out), ``state_dtype``,
-            ``span_max``, ``state_split`` (False:
-            one bf16/fp16 dot for the state update instead of two).
+            ``span_max``, ``state_split`` (False: one bf16/fp16 dot for the state update instead
+            of two).
 
     Returns:
         ``(o [B, T, H, V] in out_dtype, S [B, H, F, V] float32 or None, z [B, H, F] float32 or None)``.
@@ -549,16 +550,20 @@ def _meta(q: torch.Tensor, v: torch.Tensor, valid, blocks: dict) -> dict:
 
 
 def _group_size(NC: int, programs_per_group: int, blocks: dict, device: torch.device) -> int:
-    """Chunks per "grouped" program: ``GROUP`` (or ``blocks["group"]``), halved while that would
-    leave fewer than ``GROUP_PROGRAMS_PER_SM`` programs per multiprocessor (short sequences)."""
+    """Chunks per "grouped" program: ``blocks["group"]`` as given, else ``GROUP`` halved while half
+    would still cover all NC chunks, and on CUDA while it would leave fewer than
+    ``GROUP_PROGRAMS_PER_SM`` programs per multiprocessor (short sequences). 1 means the "scan" pass."""
     group = blocks.get("group", GROUP)
     if group < 1 or group & (group - 1):
         raise ValueError(f"group={group}: chunks per grouped state program must be a power of 2 >= 1")
-    if "group" in blocks or device.type != "cuda":
+    if "group" in blocks:
         return group
-    want = GROUP_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    while group > 1 and triton.cdiv(NC, group) * programs_per_group < want:
+    while group > 1 and group // 2 >= NC:
         group //= 2
+    if device.type == "cuda":
+        want = GROUP_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        while group > 1 and triton.cdiv(NC, group) * programs_per_group < want:
+            group //= 2
     return group
 
 
@@ -584,6 +589,7 @@ def _state_pass(q, k, v, x, valid, inv_norm, S0, z0, output_final_state, blocks)
     gbk = min(blocks.get("group_bk", GROUP_BK), Fd)
     group = _group_size(NC, B * H * (Fd // gbk) * (V // ubv), blocks, dev) if mode == "grouped" else 1
     if mode == "grouped" and group > 1:  # in-group prefixes per chunk, group totals for the scan
+        # (a group of one chunk is the "scan" pass below)
         NG = triton.cdiv(NC, group)
         ncp = NG * group                   # the last group's chunks past T are identity updates
         p = _empty((B * H, ncp, Fd, V), state_dtype, dev)
