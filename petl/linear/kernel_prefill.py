@@ -379,6 +379,28 @@ def _chunk_output(q_dec, A, v_base, hs_ptr, zs_ptr, p_ptr, pz_ptr, d_ptr, o_ptr,
 
 
 @triton.jit
+def _output_program(q_ptr, k_ptr, x_ptr, v_ptr, valid_ptr, T, H: tl.constexpr, G: tl.constexpr, F: tl.constexpr,
+                    V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Set-up of an output-pass program, grid ``(chunks, B*H, V/BV)``: ``(n, pid_bh, b, h, local,
+    fk, fv, row0, real, q_base, k_base, x_base, v_base)``, the bases pointing at (batch, head) of
+    the ``[B, T, H, F]`` features and at (batch, kv head) of the logits and values."""
+    n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    HKV: tl.constexpr = H // G
+    row0 = n * C
+    local = tl.arange(0, C)
+    real = _real_rows(valid_ptr, b, row0, local, T, HAS_VALID)
+    q_base = q_ptr + b.to(tl.int64) * T * (H * F) + h * F
+    k_base = k_ptr + b.to(tl.int64) * T * (H * F) + h * F
+    x_base = x_ptr + b.to(tl.int64) * T * (HKV * F) + (h // G) * F
+    v_base = v_ptr + b.to(tl.int64) * T * (HKV * V) + (h // G) * V
+    return (n, pid_bh, b, h, local, tl.arange(0, F), tl.program_id(2) * BV + tl.arange(0, BV), row0, real,
+            q_base, k_base, x_base, v_base)
+
+
+@triton.jit
 def _output_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, p_ptr, pz_ptr, d_ptr, o_ptr, strong_ptr,
                    T, NS, NCP, inv_norm, eps, span_max,
                    H: tl.constexpr, G: tl.constexpr, F: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
@@ -389,21 +411,10 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, p_ptr,
     scores out of this kernel keeps its registers for the common case (the sm_90 build spilled
     about 1 KB per thread with them; without, 0.24 KB, or 0.6 KB with the grouped pass's second
     state tile: ``python -m benchmarks.prefill_registers``)."""
-    n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_v = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    HKV: tl.constexpr = H // G
-    local = tl.arange(0, C)
-    fk = tl.arange(0, F)
-    fv = pid_v * BV + tl.arange(0, BV)
-    row0 = n * C
-    real = _real_rows(valid_ptr, b, row0, local, T, HAS_VALID)
+    n, pid_bh, b, h, local, fk, fv, row0, real, q_base, k_base, x_base, v_base = _output_program(
+        q_ptr, k_ptr, x_ptr, v_ptr, valid_ptr, T, H, G, F, V, C, BV, HAS_VALID)
     m = real[:, None]
-    x_base = x_ptr + b.to(tl.int64) * T * (HKV * F) + (h // G) * F
-    q_base = q_ptr + b.to(tl.int64) * T * (H * F) + h * F
-    k_base = k_ptr + b.to(tl.int64) * T * (H * F) + h * F
+    HKV: tl.constexpr = H // G
     dt = v_ptr.dtype.element_ty
     x = _tile(x_base, row0, local, fk, T, HKV * F)
     q = _tile(q_base, row0, local, fk, T, H * F)
@@ -417,9 +428,8 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, p_ptr,
     strong = (tl.max(-tl.sum(g, axis=0), axis=0) > span_max).to(tl.int32)   # e^span would overflow
     tl.store(strong_ptr + n * tl.num_programs(1) + pid_bh, strong.to(tl.int8))
     rows_ok = (row0 + local < T) & (local * 0 + strong == 0)
-    _chunk_output(q_dec, A, v_ptr + b.to(tl.int64) * T * (HKV * V) + (h // G) * V, hs_ptr, zs_ptr, p_ptr,
-                  pz_ptr, d_ptr, o_ptr, b, h, pid_bh, n, NS, NCP, row0, local, fk, fv, m, rows_ok, T, eps,
-                  H, HKV, F, V, GROUP, PREC)
+    _chunk_output(q_dec, A, v_base, hs_ptr, zs_ptr, p_ptr, pz_ptr, d_ptr, o_ptr, b, h, pid_bh, n, NS, NCP,
+                  row0, local, fk, fv, m, rows_ok, T, eps, H, HKV, F, V, GROUP, PREC)
 
 
 @triton.jit
@@ -429,29 +439,17 @@ def _output_exact_kernel(q_ptr, k_ptr, v_ptr, x_ptr, valid_ptr, hs_ptr, zs_ptr, 
                          BV: tl.constexpr, GROUP: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr):
     """Pass 2b, same grid: the chunks :func:`_output_kernel` flagged as strong-gated, with the exact
     in-chunk scores (:func:`_exact_scores`); every other program reads its flag and exits."""
-    n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    if tl.load(strong_ptr + n * tl.num_programs(1) + pid_bh) != 0:
-        pid_v = tl.program_id(2)
-        b = pid_bh // H
-        h = pid_bh % H
-        HKV: tl.constexpr = H // G
-        local = tl.arange(0, C)
-        fk = tl.arange(0, F)
-        fv = pid_v * BV + tl.arange(0, BV)
-        row0 = n * C
-        real = _real_rows(valid_ptr, b, row0, local, T, HAS_VALID)
+    if tl.load(strong_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) != 0:
+        n, pid_bh, b, h, local, fk, fv, row0, real, q_base, k_base, x_base, v_base = _output_program(
+            q_ptr, k_ptr, x_ptr, v_ptr, valid_ptr, T, H, G, F, V, C, BV, HAS_VALID)
         m = real[:, None]
-        x_base = x_ptr + b.to(tl.int64) * T * (HKV * F) + (h // G) * F
-        q_base = q_ptr + b.to(tl.int64) * T * (H * F) + h * F
-        k_base = k_ptr + b.to(tl.int64) * T * (H * F) + h * F
+        HKV: tl.constexpr = H // G
         Gc = tl.cumsum(tl.where(m, _log_gate(_tile(x_base, row0, local, fk, T, HKV * F).to(tl.float32), inv_norm),
                                 0.0), axis=0)
         q_dec = _tile(q_base, row0, local, fk, T, H * F).to(tl.float32) * tl.exp(Gc)
         A = _exact_scores(q_base, k_base, x_base, real, row0, local, T, inv_norm, H * F, HKV * F, F, C)
-        _chunk_output(q_dec, A, v_ptr + b.to(tl.int64) * T * (HKV * V) + (h // G) * V, hs_ptr, zs_ptr, p_ptr,
-                      pz_ptr, d_ptr, o_ptr, b, h, pid_bh, n, NS, NCP, row0, local, fk, fv, m, row0 + local < T,
-                      T, eps, H, HKV, F, V, GROUP, PREC)
+        _chunk_output(q_dec, A, v_base, hs_ptr, zs_ptr, p_ptr, pz_ptr, d_ptr, o_ptr, b, h, pid_bh, n, NS, NCP,
+                      row0, local, fk, fv, m, row0 + local < T, T, eps, H, HKV, F, V, GROUP, PREC)
 
 
 def prefill_supported(feature_size: int, head_dim: int, dtype: torch.dtype) -> bool:
