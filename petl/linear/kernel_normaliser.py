@@ -91,10 +91,11 @@ def _gate_tile(x_ptr, valid_ptr, b, row0, local, cols, T, inv_norm, x_row: tl.co
 
 
 @triton.jit
-def _summary_kernel(k_ptr, x_ptr, valid_ptr, g_ptr, a_ptr, z_ptr, T, NC, inv_norm,
-                    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                    BF: tl.constexpr, HAS_VALID: tl.constexpr):
-    """Pass 1: g, and per chunk A_n = exp(G_last), Z_n = sum_s k_s exp(G_last - G_s)."""
+def _chunk_feature_block(x_ptr, T, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                         BF: tl.constexpr):
+    """Set-up of a program on grid ``(chunks, K/BF, B*H)``: ``(n, pid_bh, b, local, row0, rm, cols,
+    cm, m2, base, offs, x_base)``; ``base + offs`` addresses the chunk's ``[BT, BF]`` tile of a
+    ``[B, T, H, K]`` tensor, x_base the logits of (batch, kv head)."""
     n = tl.program_id(0)
     pid_bh = tl.program_id(2)
     b = pid_bh // H
@@ -104,10 +105,21 @@ def _summary_kernel(k_ptr, x_ptr, valid_ptr, g_ptr, a_ptr, z_ptr, T, NC, inv_nor
     cm = cols < K
     row0 = n * BT
     local = tl.arange(0, BT)
-    m2 = (row0 + local < T)[:, None] & cm[None, :]
+    rm = row0 + local < T
+    m2 = rm[:, None] & cm[None, :]
     base = (b.to(tl.int64) * T + row0) * (H * K) + h * K
     offs = local[:, None] * (H * K) + cols[None, :]
     x_base = x_ptr + b.to(tl.int64) * T * HKV * K + (h // G) * K
+    return n, pid_bh, b, local, row0, rm, cols, cm, m2, base, offs, x_base
+
+
+@triton.jit
+def _summary_kernel(k_ptr, x_ptr, valid_ptr, g_ptr, a_ptr, z_ptr, T, NC, inv_norm,
+                    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                    BF: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Pass 1: g, and per chunk A_n = exp(G_last), Z_n = sum_s k_s exp(G_last - G_s)."""
+    n, pid_bh, b, local, row0, rm, cols, cm, m2, base, offs, x_base = _chunk_feature_block(x_ptr, T, H, G, K, BT, BF)
+    HKV: tl.constexpr = H // G
     bg, bx, gm = _gate_tile(x_base, valid_ptr, b, row0, local, cols, T, inv_norm, HKV * K, K, HAS_VALID)
     tl.store(g_ptr + base + offs, bg, mask=m2)
     bk = tl.load(k_ptr + base + offs, mask=m2, other=0.0).to(tl.float32)
@@ -191,20 +203,8 @@ def _adjoint_sums_kernel(q_ptr, x_ptr, valid_ptr, dden_ptr, a_ptr, l_ptr, T, NC,
                          H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                          BF: tl.constexpr, HAS_VALID: tl.constexpr):
     """Backward pass 1: per chunk A_n = exp(G_last) and L_n = sum_t q_t dden_t exp(G_t)."""
-    n = tl.program_id(0)
-    pid_bh = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
+    n, pid_bh, b, local, row0, rm, cols, cm, m2, base, offs, x_base = _chunk_feature_block(x_ptr, T, H, G, K, BT, BF)
     HKV: tl.constexpr = H // G
-    cols = tl.program_id(1) * BF + tl.arange(0, BF)
-    cm = cols < K
-    row0 = n * BT
-    local = tl.arange(0, BT)
-    rm = row0 + local < T
-    m2 = rm[:, None] & cm[None, :]
-    base = (b.to(tl.int64) * T + row0) * (H * K) + h * K
-    offs = local[:, None] * (H * K) + cols[None, :]
-    x_base = x_ptr + b.to(tl.int64) * T * HKV * K + (h // G) * K
     bg, bx, gm = _gate_tile(x_base, valid_ptr, b, row0, local, cols, T, inv_norm, HKV * K, K, HAS_VALID)
     bq = tl.load(q_ptr + base + offs, mask=m2, other=0.0).to(tl.float32)
     dd = tl.load(dden_ptr + pid_bh.to(tl.int64) * T + row0 + local, mask=rm, other=0.0)
@@ -219,20 +219,8 @@ def _gate_norm_bwd_kernel(q_ptr, k_ptr, x_ptr, valid_ptr, c_ptr, nu_ptr, dden_pt
                           H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                           BF: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DG: tl.constexpr):
     """Backward pass 3: z and lambda of one chunk, then dq, dk and the gate-logit gradient."""
-    n = tl.program_id(0)
-    pid_bh = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
+    n, pid_bh, b, local, row0, rm, cols, cm, m2, base, offs, x_base = _chunk_feature_block(x_ptr, T, H, G, K, BT, BF)
     HKV: tl.constexpr = H // G
-    cols = tl.program_id(1) * BF + tl.arange(0, BF)
-    cm = cols < K
-    local = tl.arange(0, BT)
-    row0 = n * BT
-    rm = row0 + local < T
-    m2 = rm[:, None] & cm[None, :]
-    base = (b.to(tl.int64) * T + row0) * (H * K) + h * K
-    offs = local[:, None] * (H * K) + cols[None, :]
-    x_base = x_ptr + b.to(tl.int64) * T * HKV * K + (h // G) * K
     bg, bx, gm = _gate_tile(x_base, valid_ptr, b, row0, local, cols, T, inv_norm, HKV * K, K, HAS_VALID)
     bg1, bx1, gm1 = _gate_tile(x_base, valid_ptr, b, row0 + 1, local, cols, T, inv_norm, HKV * K, K, HAS_VALID)
     bq = tl.load(q_ptr + base + offs, mask=m2, other=0.0).to(tl.float32)
@@ -256,17 +244,24 @@ def _gate_norm_bwd_kernel(q_ptr, k_ptr, x_ptr, valid_ptr, c_ptr, nu_ptr, dden_pt
 
 
 @triton.jit
-def _div_fwd_kernel(num_ptr, den_ptr, o_ptr, T, eps, H: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BV: tl.constexpr):
-    pid_t = tl.program_id(0)
+def _row_block(T, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Set-up of a division program on grid ``(T/BT, B*H)``: ``(pid_bh, rows, rm, m2, offs)`` with
+    ``offs`` the ``[BT, BV]`` tile of (batch, head) in a ``[B, T, H, V]`` tensor."""
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    rows = pid_t * BT + tl.arange(0, BT)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, BV)
     rm = rows < T
     m2 = rm[:, None] & (cols < V)[None, :]
     offs = b.to(tl.int64) * T * H * V + rows[:, None].to(tl.int64) * (H * V) + h * V + cols[None, :]
+    return pid_bh, rows, rm, m2, offs
+
+
+@triton.jit
+def _div_fwd_kernel(num_ptr, den_ptr, o_ptr, T, eps, H: tl.constexpr, V: tl.constexpr,
+                    BT: tl.constexpr, BV: tl.constexpr):
+    pid_bh, rows, rm, m2, offs = _row_block(T, H, V, BT, BV)
     num = tl.load(num_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     den = tl.load(den_ptr + pid_bh.to(tl.int64) * T + rows, mask=rm, other=1.0)
     tl.store(o_ptr + offs, (num / (den + eps)[:, None]).to(o_ptr.dtype.element_ty), mask=m2)
@@ -275,15 +270,7 @@ def _div_fwd_kernel(num_ptr, den_ptr, o_ptr, T, eps, H: tl.constexpr, V: tl.cons
 @triton.jit
 def _div_bwd_kernel(num_ptr, den_ptr, do_ptr, dnum_ptr, dden_ptr, T, eps, H: tl.constexpr,
                     V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_t * BT + tl.arange(0, BT)
-    cols = tl.arange(0, BV)
-    rm = rows < T
-    m2 = rm[:, None] & (cols < V)[None, :]
-    offs = b.to(tl.int64) * T * H * V + rows[:, None].to(tl.int64) * (H * V) + h * V + cols[None, :]
+    pid_bh, rows, rm, m2, offs = _row_block(T, H, V, BT, BV)
     num = tl.load(num_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     do = tl.load(do_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     inv = 1.0 / (tl.load(den_ptr + pid_bh.to(tl.int64) * T + rows, mask=rm, other=1.0) + eps)
