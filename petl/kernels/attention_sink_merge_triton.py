@@ -20,31 +20,44 @@ BLOCK_M_BWD = 32
 if triton is not None:
 
     @triton.jit
-    def _merge_fwd_kernel(Q, O, LSE, KS, VS, sq_n, sq_h, sq_m, so_n, so_h, so_m, sl_n, sl_h, sl_m,
-                          sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, rows, heads, count, start, stride, n_sink,
-                          lo, rep, kv_lo, scale, DIM: tl.constexpr, WIDTH: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _segment_program(heads, count, start, stride, n_sink):
+        """``(pid_m, pid_nh, nb, j, b, sinks)`` of a program on grid ``(row blocks, segments * heads)``:
+        segment nb (of batch row b), head j, and how many sink columns this segment sees."""
         pid_m = tl.program_id(0)
         pid_nh = tl.program_id(1)
         nb = pid_nh // heads
         j = pid_nh % heads
-        g = nb % count
         b = nb // count
-        sinks = tl.minimum(start + g * stride, n_sink)
+        sinks = tl.minimum(start + (nb % count) * stride, n_sink)
+        return pid_m, pid_nh, nb, j, b, sinks
+
+    @triton.jit
+    def _sink_rows(pid_m, nb, j, b, rows, lo, rep, kv_lo, KS, VS, sk_b, sk_h, sv_b, sv_h, DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The program's row block and the sink keys/values it reads: ``(offs_m, offs_d, mask_m,
+        mask_d, mask, nb64, kbase, vbase)``; query head ``lo + j`` reads kv head ``(lo + j) // rep``."""
+        kvh = (lo + j) // rep - kv_lo
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < rows
+        mask_d = offs_d < DIM
+        kbase = KS + b.to(tl.int64) * sk_b + kvh * sk_h
+        vbase = VS + b.to(tl.int64) * sv_b + kvh * sv_h
+        return offs_m, offs_d, mask_m, mask_d, mask_m[:, None] & mask_d[None, :], nb.to(tl.int64), kbase, vbase
+
+    @triton.jit
+    def _merge_fwd_kernel(Q, O, LSE, KS, VS, sq_n, sq_h, sq_m, so_n, so_h, so_m, sl_n, sl_h, sl_m,
+                          sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, rows, heads, count, start, stride, n_sink,
+                          lo, rep, kv_lo, scale, DIM: tl.constexpr, WIDTH: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_m, pid_nh, nb, j, b, sinks = _segment_program(heads, count, start, stride, n_sink)
         if sinks > 0:
-            kvh = (lo + j) // rep - kv_lo
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_d = tl.arange(0, BLOCK_D)
-            mask_m = offs_m < rows
-            mask_d = offs_d < DIM
-            mask = mask_m[:, None] & mask_d[None, :]
-            nb64 = nb.to(tl.int64)
+            offs_m, offs_d, mask_m, mask_d, mask, nb64, kbase, vbase = _sink_rows(
+                pid_m, nb, j, b, rows, lo, rep, kv_lo, KS, VS, sk_b, sk_h, sv_b, sv_h, DIM, BLOCK_M, BLOCK_D)
             q = tl.load(Q + nb64 * sq_n + j * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=mask,
                         other=0.0).to(tl.float32)
             lptr = LSE + nb64 * sl_n + j * sl_h + offs_m * sl_m
             lse_seg = tl.load(lptr, mask=mask_m, other=0.0).to(tl.float32)
-            kbase = KS + b.to(tl.int64) * sk_b + kvh * sk_h
-            vbase = VS + b.to(tl.int64) * sv_b + kvh * sv_h
             m = lse_seg
             for w in tl.static_range(WIDTH):
                 kw = tl.load(kbase + w * sk_s + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -70,21 +83,10 @@ if triton is not None:
                           sdq_n, sdq_h, sdq_m, rows, heads, count, start, stride, n_sink, lo, rep, kv_lo,
                           scale, n_blocks, DIM: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_D: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_nh = tl.program_id(1)
-        nb = pid_nh // heads
-        j = pid_nh % heads
-        g = nb % count
-        b = nb // count
-        sinks = tl.minimum(start + g * stride, n_sink)
+        pid_m, pid_nh, nb, j, b, sinks = _segment_program(heads, count, start, stride, n_sink)
         if sinks > 0:
-            kvh = (lo + j) // rep - kv_lo
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_d = tl.arange(0, BLOCK_D)
-            mask_m = offs_m < rows
-            mask_d = offs_d < DIM
-            mask = mask_m[:, None] & mask_d[None, :]
-            nb64 = nb.to(tl.int64)
+            offs_m, offs_d, mask_m, mask_d, mask, nb64, kbase, vbase = _sink_rows(
+                pid_m, nb, j, b, rows, lo, rep, kv_lo, KS, VS, sk_b, sk_h, sv_b, sv_h, DIM, BLOCK_M, BLOCK_D)
             rows_d = offs_m[:, None]
             q = tl.load(Q + nb64 * sq_n + j * sq_h + rows_d * sq_m + offs_d[None, :], mask=mask,
                         other=0.0).to(tl.float32)
@@ -96,8 +98,6 @@ if triton is not None:
             dqptr = DQ + nb64 * sdq_n + j * sdq_h + rows_d * sdq_m + offs_d[None, :]
             dq = tl.load(dqptr, mask=mask, other=0.0).to(tl.float32)
             drow = tl.sum(do * o, axis=1)
-            kbase = KS + b.to(tl.int64) * sk_b + kvh * sk_h
-            vbase = VS + b.to(tl.int64) * sv_b + kvh * sv_h
             slot = (pid_nh.to(tl.int64) * n_blocks + pid_m) * (WIDTH * DIM)
             for w in tl.static_range(WIDTH):
                 kw = tl.load(kbase + w * sk_s + offs_d, mask=mask_d, other=0.0).to(tl.float32)
