@@ -269,6 +269,36 @@ def test_save_load_merge_after_fusing(tmp_path):
     check_save_load_merge(model, torch.randint(0, 96, (1, 10)), tmp_path)
 
 
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_whole_fused_model_pickles_and_deep_copies(how, tmp_path):
+    """torch.save / torch.load of a whole fused model, and copy.deepcopy: the copy is fused, its
+    fused loss and gradients equal the original's, they land on the copy's own parameters (the
+    loss hooks and the MLP's decoder-layer reference point into the copy), and it unfuses."""
+    import copy
+
+    torch.manual_seed(0)
+    model = fuse_lora(_tiny_peft("llama", lora_plus=True), kernels="on", triton=False)
+    if how == "torch.save":
+        torch.save(model, tmp_path / "model.pt")
+        clone = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        clone = copy.deepcopy(model)
+    assert is_fused(clone)
+    ids = torch.randint(0, 96, (2, 12))
+    ref_loss, ref_grads = _loss_and_grads(model, ids, ids, fused_loss=True)
+    loss, grads = _loss_and_grads(clone, ids, ids, fused_loss=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    _assert_close(grads, ref_grads, rtol=0)
+    assert all(p.grad is None for p in model.parameters())
+    layer = clone.base_model.model.model.layers[0]
+    assert type(layer.mlp) is type(model.base_model.model.model.layers[0].mlp)
+    assert layer.mlp._petl_owner() is layer
+    unfuse_lora(clone)
+    assert not is_fused(clone) and is_fused(model)
+    assert type(clone.base_model.model.model.layers[0].mlp).__module__ == "transformers.models.llama.modeling_llama"
+    assert clone(input_ids=ids, labels=ids).logits is not None
+
+
 def test_generate_with_cache_after_fusing():
     """Calls with a KV cache (``past_key_values`` in 5.17, ``cache`` in 5.24) run the model's own
     attention forward; calls without one run the fused path and give the same logits."""

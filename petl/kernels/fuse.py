@@ -41,14 +41,47 @@ _CLASSES: dict[tuple[type, type], type] = {}
 
 
 def _fused_class(base: type, mixin: type) -> type:
-    """``class <base.__name__>(mixin, base)``, cached (same name: checkpoints and configs stay as they were)."""
+    """``class <base.__name__>(mixin, base)``, cached (same name: checkpoints and configs stay as they were).
+
+    The class exists only at run time, so pickle (``torch.save(model)``, ``copy.deepcopy``) cannot
+    find it by name: its instances reduce to :func:`_new_fused` with (base, mixin), which rebuilds
+    the class from the cache."""
     key = (base, mixin)
     if key not in _CLASSES:
-        attrs = {"__module__": __name__, "__qualname__": base.__qualname__, "_petl_base": base}
+        attrs = {"__module__": __name__, "__qualname__": base.__qualname__, "_petl_base": base,
+                 "_petl_mixin": mixin, "__reduce_ex__": _reduce_fused, "__setstate__": _setstate_fused}
         if mixin is FusedAttention:
             attrs["_petl_eager"] = staticmethod(importlib.import_module(base.__module__).eager_attention_forward)
         _CLASSES[key] = type(base.__name__, (mixin, base), attrs)
     return _CLASSES[key]
+
+
+class _Owner:
+    """Pickle's stand-in for the weak reference from a fused MLP to its decoder layer."""
+
+    def __init__(self, module: Optional[nn.Module]) -> None:
+        self.module = module
+
+
+def _new_fused(base: type, mixin: type) -> nn.Module:
+    """An empty instance of the fused ``(mixin, base)`` class (unpickling; state follows)."""
+    cls = _fused_class(base, mixin)
+    return cls.__new__(cls)
+
+
+def _reduce_fused(self: nn.Module, protocol: int) -> tuple:
+    state = dict(self.__dict__)
+    owner = state.get("_petl_owner")
+    if isinstance(owner, weakref.ref):
+        state["_petl_owner"] = _Owner(owner())
+    return _new_fused, (type(self)._petl_base, type(self)._petl_mixin), state
+
+
+def _setstate_fused(self: nn.Module, state: dict) -> None:
+    owner = state.get("_petl_owner")
+    if isinstance(owner, _Owner):
+        state = {**state, "_petl_owner": weakref.ref(owner.module) if owner.module is not None else None}
+    type(self)._petl_base.__setstate__(self, state)
 
 
 def _rebuild(module: nn.Module, cls: type) -> nn.Module:
@@ -172,19 +205,21 @@ class _LossCall:
         self.use_triton = True
 
 
-def _install_loss_hooks(top: nn.Module, base: nn.Module, kernels: Optional[str], triton: Optional[bool]) -> list:
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not nn.Linear or head.bias is not None or getattr(base.config, "final_logit_softcapping", None):
-        return []  # a wrapped (peft) or biased head keeps transformers' loss
-    call = _LossCall()
+class _TakeLabels:
+    """Top-level pre-hook: a training call with labels (and a fusable head) keeps its labels here
+    instead of passing them on, so transformers computes no logits-based loss."""
 
-    def top_pre(module, args, kwargs):
+    def __init__(self, call: _LossCall, head: nn.Linear, kernels: Optional[str], triton: Optional[bool]) -> None:
+        self.call, self.head, self.kernels, self.triton = call, head, kernels, triton
+
+    def __call__(self, module, args, kwargs):
+        call = self.call
         call.reset()
         labels = kwargs.get("labels")
         if (labels is None or not module.training or not torch.is_grad_enabled() or kwargs.get("return_dict") is False
                 or kwargs.get("logits_to_keep") not in (None, 0)):
             return None
-        fused, use_triton = kernel_plan(head.weight.device, kernels, triton)
+        fused, use_triton = kernel_plan(self.head.weight.device, self.kernels, self.triton)
         if not fused:
             return None
         kwargs = dict(kwargs)
@@ -194,13 +229,29 @@ def _install_loss_hooks(top: nn.Module, base: nn.Module, kernels: Optional[str],
         call.use_triton = use_triton
         return args, kwargs
 
-    def head_pre(module, args):
+
+class _KeepHidden:
+    """lm_head pre-hook: keep the hidden states and let the head produce zero-length logits."""
+
+    def __init__(self, call: _LossCall) -> None:
+        self.call = call
+
+    def __call__(self, module, args):
+        call = self.call
         if call.labels is None or call.hidden is not None or len(args) != 1:
             return None
         call.hidden = args[0]
         return (args[0][..., :0, :],)  # zero-length logits; the loss is computed from the hidden states
 
-    def top_post(module, args, kwargs, output):
+
+class _FusedLoss:
+    """Top-level post-hook: the fused linear cross-entropy from the kept hidden states and labels."""
+
+    def __init__(self, call: _LossCall, head: nn.Linear) -> None:
+        self.call, self.head = call, head
+
+    def __call__(self, module, args, kwargs, output):
+        call = self.call
         if call.labels is None:
             return None
         hidden, labels, shift, num_items, use_triton = (call.hidden, call.labels, call.shift_labels, call.num_items,
@@ -209,11 +260,18 @@ def _install_loss_hooks(top: nn.Module, base: nn.Module, kernels: Optional[str],
         if hidden is None:
             raise RuntimeError("petl fused loss: the model's lm_head was not called; "
                                "use fuse_lora(..., fused_loss=False)")
-        loss = causal_lm_loss(hidden, head.weight, labels, shift_labels=shift, num_items_in_batch=num_items,
+        loss = causal_lm_loss(hidden, self.head.weight, labels, shift_labels=shift, num_items_in_batch=num_items,
                               ignore_index=IGNORE_INDEX, use_triton=use_triton)
         fields: dict[str, Any] = {k: v for k, v in output.items() if k not in ("loss", "logits")}
         return type(output)(loss=loss, logits=None, **fields)
 
-    return [top.register_forward_pre_hook(top_pre, with_kwargs=True),
-            head.register_forward_pre_hook(head_pre),
-            top.register_forward_hook(top_post, with_kwargs=True)]
+
+def _install_loss_hooks(top: nn.Module, base: nn.Module, kernels: Optional[str], triton: Optional[bool]) -> list:
+    """The three loss hooks (objects, not closures: a fused model pickles and deep-copies whole)."""
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or getattr(base.config, "final_logit_softcapping", None):
+        return []  # a wrapped (peft) or biased head keeps transformers' loss
+    call = _LossCall()
+    return [top.register_forward_pre_hook(_TakeLabels(call, head, kernels, triton), with_kwargs=True),
+            head.register_forward_pre_hook(_KeepHidden(call)),
+            top.register_forward_hook(_FusedLoss(call, head), with_kwargs=True)]
