@@ -313,8 +313,9 @@ def test_group_size_covers_the_chunks_and_keeps_the_gpu_busy(monkeypatch):
 
     from petl.linear import kernel_prefill as kp
 
+    monkeypatch.setattr(kp, "GROUP", 16)                    # the rule, not today's table entry
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert kp._group_size(1000, 32, {}, cpu) == kp.GROUP == 16
+    assert kp._group_size(1000, 32, {}, cpu) == 16
     assert [kp._group_size(nc, 32, {}, cpu) for nc in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, 16]
     assert kp._group_size(3, 32, {"group": 8}, cpu) == 8
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(multi_processor_count=132))
