@@ -36,7 +36,7 @@ logits, ``logsigmoid(x) / n``, 0 at padding), ``G_i`` its inclusive in-chunk cum
 
 Memory ("grouped"): the in-group prefixes are ``[B*H, T/C, F, V]`` in the inputs' dtype (the
 output pass's dot rounds them to it anyway), e.g. 0.5 GiB in bf16 for 32k tokens, H = 32,
-F = V = 128; the group totals and start states add 1/GROUP of that in float32 and model dtype.
+F = V = 128; the group totals (float32) and start states add 3/GROUP of that.
 ("scan": the float32 chunk updates take 1 GiB at that size while the scan runs.)
 
 Precision: the dots take the model dtype (bf16/fp16) with float32 accumulation, like fla's; the
