@@ -601,11 +601,11 @@ def _state_pass(q, k, v, x, valid, inv_norm, S0, z0, output_final_state, blocks)
             GROUP=group, SPLIT=split, **launch, **meta)
         hs = _empty((B * H, NG, Fd, V), state_dtype, dev)
         zs = _empty((B * H, NG, Fd), torch.float32, dev)
-        states, n_scan = _ChunkStates(hs, zs, NG, group, p, pz, d, ncp), NG
+        states = _ChunkStates(hs, zs, NG, group, p, pz, d, ncp)
     elif mode == "recurrent":
         hs = _empty((B * H, NC, Fd, V), state_dtype, dev)
         zs = _empty((B * H, NC, Fd), torch.float32, dev)
-        states, n_scan = _ChunkStates(hs, zs, NC), NC
+        states = _ChunkStates(hs, zs, NC)
     else:  # chunk updates in parallel, then the scan (in place over them when the dtypes agree)
         u = _empty((B * H, NC, Fd, V), torch.float32, dev)
         uz = _empty((B * H, NC, Fd), torch.float32, dev)
@@ -614,7 +614,7 @@ def _state_pass(q, k, v, x, valid, inv_norm, S0, z0, output_final_state, blocks)
             k, v, x, valid if valid is not None else q, u, uz, a, T, NC, inv_norm, BV=ubv, SPLIT=split,
             **launch, **meta)
         hs = u if state_dtype == torch.float32 else _empty((B * H, NC, Fd, V), state_dtype, dev)
-        states, n_scan = _ChunkStates(hs, uz, NC), NC
+        states = _ChunkStates(hs, uz, NC)
     hs, zs = states.hs, states.zs
     s0 = S0.float().contiguous() if S0 is not None else hs
     z0c = z0.float().contiguous() if z0 is not None else zs
@@ -627,7 +627,7 @@ def _state_pass(q, k, v, x, valid, inv_norm, S0, z0, output_final_state, blocks)
             SPLIT=split, num_stages=blocks.get("state_stages", STAGES["state"]), **final, **meta)
     else:
         _state_scan_kernel[(B * H, Fd // bk, V // bv)](
-            u, uz, a, s0, z0c, *outs, n_scan, F=Fd, V=V, BK=bk, BV=bv, num_stages=1, **final)
+            u, uz, a, s0, z0c, *outs, states.ns, F=Fd, V=V, BK=bk, BV=bv, num_stages=1, **final)
     return states, sT, zT
 
 
